@@ -1,0 +1,290 @@
+"""One trainer for every dictionary: ReLU + L1 SAEs, TopK SAEs, and transcoders (input hook -> output hook).
+
+Algorithm (per step, on a batch of activations ``x_in`` and targets ``x_out``; for an SAE ``x_out = x_in``):
+1. Encode and decode in canonical form (``saes/dictionary.py``): ``pre = x_in W_enc + b_enc``,
+   ``acts = relu(pre)`` or TopK, ``recon = acts W_dec + b_dec``.
+2. Loss = normalised MSE ``|x_out - recon|^2 / |x_out - mean|^2`` plus
+   - ReLU: ``l1_coefficient * sum_i acts_i * |W_dec[i]|`` (the decoder-norm-weighted L1 of Anthropic's
+     April 2024 update, so the penalty cannot be dodged by shrinking the encoder and growing the decoder);
+   - TopK: ``aux_coefficient *`` the AuxK loss of Gao et al. 2024: the top ``aux_k`` *dead* latents
+     reconstruct the residual ``x_out - recon``, which gives dead latents a gradient and revives them.
+3. Adam step with linear warm-up and a linear decay over the last ``decay_fraction`` of steps; for TopK
+   the decoder rows are kept at unit norm (the activations carry the scale).
+4. Track, per latent, how many tokens ago it last fired; latents silent for ``dead_after_tokens`` are dead.
+   Optionally (``resample_every``) re-initialise dead latents towards badly reconstructed inputs
+   (Anthropic's resampling), with their Adam state reset.
+
+The trainer is fed by any iterator of tensors (``x`` or ``(x_in, x_out)``, shape ``[batch, d]``), so the toy
+models, MNIST and the language-model suites all use it. It is seeded and resumable: ``save_checkpoint`` and
+``load_checkpoint`` round-trip the dictionary, the optimiser, the step and the firing counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from saes.dictionary import activate, decode, pre_activation
+from saes.io import atomic_save_tensors, atomic_write_json, read_json, read_tensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    l1_coefficient: float = 1.0
+    aux_k: int | None = None
+    aux_coefficient: float = 1 / 32
+    dead_after_tokens: int = 100_000
+    resample_every: int | None = None
+    resample_until: float = 0.6
+    init_b_dec_from_data: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.l1_coefficient < 0 or self.aux_coefficient < 0:
+            raise ValueError("l1_coefficient and aux_coefficient must be >= 0")
+        if self.resample_every is not None and self.resample_every <= 0:
+            raise ValueError(f"resample_every must be positive or None, got {self.resample_every}")
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    mse: float
+    l0: float
+    dead_fraction: float
+
+
+@dataclass
+class TrainResult:
+    history: list[StepStats] = field(default_factory=list)
+
+    def to_json(self) -> list[dict]:
+        return [asdict(s) for s in self.history]
+
+
+def _as_pair(batch) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, (tuple, list)):
+        x_in, x_out = batch
+    else:
+        x_in = x_out = batch
+    return x_in, x_out
+
+
+class DictionaryTrainer:
+    """Trains one sae-lens dictionary in place. Call :meth:`step` per batch, or :func:`train_dictionary`."""
+
+    def __init__(self, sae, cfg: TrainConfig):
+        self.sae, self.cfg = sae, cfg
+        self.topk = getattr(sae.cfg, "k", None) is not None
+        self.params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=(0.9, 0.999))
+        self.step_count = 0
+        self.since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_enc.device)
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+
+    # --- schedule -----------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        warm = min(1.0, (step + 1) / max(1, c.warmup_steps))
+        decay_start = c.steps * (1 - c.decay_fraction)
+        decay = 1.0 if step < decay_start else max(0.0, (c.steps - step) / max(1.0, c.steps - decay_start))
+        return c.lr * warm * decay
+
+    # --- one step -----------------------------------------------------------------------------------
+    def loss(self, x_in: Tensor, x_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        sae = self.sae
+        pre = pre_activation(sae, x_in)
+        acts = activate(sae, pre)
+        recon = decode(sae, acts)
+        denom = (x_out - x_out.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        residual = x_out - recon
+        mse = residual.pow(2).sum(-1).mean() / denom
+        if self.topk:
+            aux = self._aux_loss(pre, residual.detach(), denom)
+            loss = mse + self.cfg.aux_coefficient * aux
+        else:
+            l1 = (acts * sae.W_dec.norm(dim=-1)).sum(-1).mean()
+            loss = mse + self.cfg.l1_coefficient * l1
+        return loss, mse, acts, recon
+
+    def _aux_loss(self, pre: Tensor, residual: Tensor, denom: Tensor) -> Tensor:
+        dead = self.since_fired >= self.cfg.dead_after_tokens
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return pre.new_zeros(())
+        k_aux = min(self.cfg.aux_k or max(1, self.sae.cfg.d_in // 2), n_dead)
+        masked = pre.masked_fill(~dead, float("-inf"))
+        vals, idx = masked.topk(k_aux, dim=-1)
+        aux_acts = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+        aux_recon = aux_acts @ self.sae.W_dec  # no bias: it explains the residual
+        return (residual - aux_recon).pow(2).sum(-1).mean() / denom
+
+    def step(self, batch) -> StepStats:
+        x_in, x_out = _as_pair(batch)
+        dev, dtype = self.sae.W_enc.device, self.sae.W_enc.dtype
+        x_in, x_out = x_in.to(dev, dtype), x_out.to(dev, dtype)
+        if not (torch.isfinite(x_in).all() and torch.isfinite(x_out).all()):
+            raise ValueError(f"training batch {self.step_count} holds NaN or infinite activations; check the data source")
+        if self.step_count == 0 and self.cfg.init_b_dec_from_data:
+            with torch.no_grad():
+                self.sae.b_dec.copy_(x_out.mean(0))
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step_count)
+        loss, mse, acts, _ = self.loss(x_in, x_out)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.topk:
+            self._remove_parallel_decoder_grad()
+        self.opt.step()
+        if self.topk:
+            with torch.no_grad():
+                self.sae.W_dec /= self.sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        with torch.no_grad():
+            fired = (acts > 0).any(0)
+            self.since_fired += x_in.shape[0]
+            self.since_fired[fired] = 0
+        self.step_count += 1
+        c = self.cfg
+        if c.resample_every and self.step_count % c.resample_every == 0 and self.step_count < c.resample_until * c.steps:
+            self.resample_dead(x_in, x_out)
+        l0 = float((acts > 0).float().sum(-1).mean())
+        dead = float((self.since_fired >= c.dead_after_tokens).float().mean())
+        return StepStats(self.step_count, float(loss), float(mse), l0, dead)
+
+    def _remove_parallel_decoder_grad(self) -> None:
+        # With unit-norm decoder rows, the radial part of the gradient only fights the renormalisation.
+        w, g = self.sae.W_dec, self.sae.W_dec.grad
+        if g is not None:
+            g -= (g * w).sum(-1, keepdim=True) * w / w.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def resample_dead(self, x_in: Tensor, x_out: Tensor) -> int:
+        """Point dead latents at badly reconstructed inputs of this batch (Anthropic, 2023). Returns how many."""
+        dead = torch.nonzero(self.since_fired >= self.cfg.dead_after_tokens).flatten()
+        if len(dead) == 0:
+            return 0
+        sae = self.sae
+        recon = decode(sae, activate(sae, pre_activation(sae, x_in)))
+        err = (x_out - recon).pow(2).sum(-1)
+        probs = (err / err.sum()).cpu().double()
+        if not torch.isfinite(probs).all() or probs.sum() <= 0:
+            return 0
+        pick = torch.multinomial(probs, len(dead), replacement=True, generator=self.generator).to(x_in.device)
+        direction_out = x_out[pick] - recon[pick]
+        direction_out /= direction_out.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        alive = torch.ones(sae.cfg.d_sae, dtype=torch.bool, device=x_in.device)
+        alive[dead] = False
+        enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        direction_in = x_in[pick] - x_in.mean(0)
+        direction_in /= direction_in.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        sae.W_dec[dead] = direction_out
+        sae.W_enc[:, dead] = (direction_in * enc_norm * 0.2).T
+        sae.b_enc[dead] = 0.0
+        for p in (sae.W_enc, sae.b_enc, sae.W_dec):
+            state = self.opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    buf = state[key]
+                    if p is sae.W_enc:
+                        buf[:, dead] = 0.0
+                    else:
+                        buf[dead] = 0.0
+        self.since_fired[dead] = 0
+        return len(dead)
+
+    # --- resuming -----------------------------------------------------------------------------------
+    def save_checkpoint(self, directory: Path) -> None:
+        directory = Path(directory)
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        for i, p in enumerate(self.params):
+            for key, buf in self.opt.state.get(p, {}).items():
+                if torch.is_tensor(buf):
+                    tensors[f"opt.{i}.{key}"] = buf.reshape(buf.shape) if buf.dim() else buf.reshape(1)
+        tensors["since_fired"] = self.since_fired
+        tensors["generator_state"] = self.generator.get_state()
+        atomic_save_tensors(tensors, directory / "trainer.safetensors")
+        atomic_write_json(directory / "trainer.json", {"step": self.step_count, "config": asdict(self.cfg)})
+
+    def load_checkpoint(self, directory: Path) -> None:
+        directory = Path(directory)
+        meta = read_json(directory / "trainer.json")
+        if meta["config"] != asdict(self.cfg):
+            raise ValueError(f"{directory}: checkpoint was written with another TrainConfig; resume with the same settings")
+        tensors = read_tensors(directory / "trainer.safetensors")
+        self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        for i, p in enumerate(self.params):
+            state = {}
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                name = f"opt.{i}.{key}"
+                if name in tensors:
+                    t = tensors[name]
+                    state[key] = t.reshape(()) if key == "step" else t.to(p.device)
+            if state:
+                self.opt.state[p] = state
+        self.since_fired = tensors["since_fired"].to(self.since_fired.device)
+        self.generator.set_state(tensors["generator_state"])
+        self.step_count = int(meta["step"])
+
+
+def train_dictionary(
+    sae,
+    batches: Iterable,
+    cfg: TrainConfig,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 500,
+    progress: bool = True,
+    log_every: int = 50,
+) -> TrainResult:
+    """Train ``sae`` in place on ``cfg.steps`` batches from ``batches``; resume from ``checkpoint_dir`` if it holds one.
+
+    When resuming, the batches already consumed are skipped from the iterator, so a seeded iterator gives
+    the same run as an uninterrupted one.
+    """
+    from tqdm.auto import tqdm
+
+    trainer = DictionaryTrainer(sae, cfg)
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / "trainer.json").is_file():
+        trainer.load_checkpoint(checkpoint_dir)
+        log.info("resumed from %s at step %d", checkpoint_dir, trainer.step_count)
+    result = TrainResult()
+    it: Iterator = iter(batches)
+    for _ in range(trainer.step_count):
+        next(it)
+    bar = tqdm(total=cfg.steps, initial=trainer.step_count, disable=not progress, desc="train dictionary")
+    while trainer.step_count < cfg.steps:
+        try:
+            batch = next(it)
+        except StopIteration:
+            raise ValueError(f"the batch iterator ran out after {trainer.step_count} of {cfg.steps} steps") from None
+        stats = trainer.step(batch)
+        if stats.step % log_every == 0 or stats.step == cfg.steps:
+            result.history.append(stats)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", l0=f"{stats.l0:.1f}", dead=f"{stats.dead_fraction:.2f}")
+        if checkpoint_dir is not None and (stats.step % checkpoint_every == 0 or stats.step == cfg.steps):
+            trainer.save_checkpoint(checkpoint_dir)
+        bar.update(1)
+    bar.close()
+    for p in trainer.params:
+        p.requires_grad_(False)
+    return result

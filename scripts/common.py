@@ -1,0 +1,40 @@
+"""Helpers shared by the subcommands: model choice, device choice, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mini", help="suite name: mini (embedded, offline) or gpt2-small (needs the hub)")
+    p.add_argument("--suite-dir", type=Path, default=None, help="load the mini-format suite from this folder instead")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (cuda when available)")
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return name
+
+
+def load_suite_from_args(args: argparse.Namespace):
+    from saes.suite import load_suite
+
+    return load_suite(args.model, device=resolve_device(args.device), path=args.suite_dir)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    from saes.io import atomic_write_json
+
+    atomic_write_json(Path(path), obj)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2)

@@ -14,6 +14,7 @@ import sys
 # Modules that define subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES = [
     "scripts.cmd_suite",
+    "scripts.cmd_dashboard",
 ]
 
 

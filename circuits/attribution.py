@@ -1,0 +1,303 @@
+"""Hierarchical attribution and direct effects in the linearised model, with batched backward passes.
+
+Algorithm (ATTRIBUTION.md sections 2, 3 and 5.1; Ge et al. 2024 for the hierarchical walk, Ameisen et al.
+2025 for batching):
+
+1. *Reading vectors.* Every reader (a target or a feature node) is an affine function of the residual stream
+   it reads (``targets.read_targets``). One backward pass over a batch of B residual streams, reader b
+   injected in row b, gives B reading vectors ``g_b = d h_b / d resid`` at once; the reader's value at a zero
+   residual is its bias constant.
+2. *Direct effects.* For a source node s written at an earlier stage, ``A[b, s] = a_s * d_s . g_b[pos_s]``:
+   every other node is held fixed because the residual stream of the linearised model is nothing but the
+   sum of node writes and constant writes. The constant is ``c_b = h_b(0) + sum over constant writes of
+   (write . g_b)``, computed from the biases alone.
+3. *Hierarchical attribution.* Walk the stages from the target down. At each stage, with ``G`` the target's
+   reading vector plus ``(T_k / a_k) g_k`` for every node k kept so far, each node gets
+   ``T_s = a_s * d_s . G[pos_s]``; nodes with ``|T_s| < threshold * |h_target|`` (a test on |T|, not signed)
+   are dropped at once, so nothing upstream receives attribution through them; the kept features of the
+   stage add their weighted reading vectors to ``G`` with one batched backward pass. This gives
+   ``T_s = A[t, s] + sum over kept k downstream of (T_k / a_k) A[k, s]``.
+4. *Edges.* The in-edges of the target and of every kept feature are rows of A restricted to kept sources,
+   computed in batches of readers. The part of a row from dropped sources is the reader's *remainder*, summed
+   from those sources' own direct effects. Edges into attention features are split by head (one more batched
+   pass with one head per row); the parts sum to the edge.
+5. *Exactness certificate.* For every reader, the clean value from the real model's cache must equal
+   ``sum of kept in-edges + constant + remainder``. The largest relative residual (divided by
+   ``max(|h|, sum |terms|)``) is stored; above 1e-4 (float32) or 1e-9 (float64) an ``ExactnessError`` is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from einops import einsum
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from circuits.linear_model import LinearisedModel
+from circuits.targets import FeatureTarget, Target, read_targets
+
+log = logging.getLogger(__name__)
+
+
+class ExactnessError(RuntimeError):
+    """An identity that must hold to rounding error does not: the computation is wrong somewhere."""
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return 1e-9 if dtype == torch.float64 else 1e-4
+
+
+class NodeIndex:
+    """A flat numbering of every node of a linearised model (group by group, position-major)."""
+
+    def __init__(self, lm: LinearisedModel):
+        self.lm = lm
+        parts: dict[str, list[Tensor]] = {k: [] for k in ("group", "pos", "slot", "feature", "activation", "stage", "clean_pre")}
+        self.flat: list[Tensor] = []  # per group: indices into its flattened [pos * m] layout
+        self.offsets: list[int] = []
+        n = 0
+        for i, g in enumerate(lm.groups):
+            flat = g.mask.flatten().nonzero()[:, 0]
+            self.flat.append(flat)
+            self.offsets.append(n)
+            n += len(flat)
+            m = max(g.width, 1)
+            parts["group"].append(torch.full_like(flat, i))
+            parts["pos"].append(flat // m)
+            parts["slot"].append(flat % m)
+            parts["feature"].append(g.feature.flatten()[flat])
+            parts["activation"].append(g.activation.flatten()[flat])
+            parts["stage"].append(torch.full_like(flat, g.stage))
+            parts["clean_pre"].append(g.clean_pre.flatten()[flat])
+        self.n = n
+        cat = {k: torch.cat(v) if v else torch.zeros(0) for k, v in parts.items()}
+        self.group: Int[Tensor, "n"] = cat["group"]
+        self.pos: Int[Tensor, "n"] = cat["pos"]
+        self.slot: Int[Tensor, "n"] = cat["slot"]
+        self.feature: Int[Tensor, "n"] = cat["feature"]
+        self.activation: Float[Tensor, "n"] = cat["activation"]
+        self.stage: Int[Tensor, "n"] = cat["stage"]
+        self.clean_pre: Float[Tensor, "n"] = cat["clean_pre"]
+
+    def columns(self, group: int) -> slice:
+        return slice(self.offsets[group], self.offsets[group] + len(self.flat[group]))
+
+    def kind(self, col: int) -> str:
+        return self.lm.groups[int(self.group[col])].kind
+
+    def layer(self, col: int) -> int:
+        return self.lm.groups[int(self.group[col])].layer
+
+    def unit_writes(self, cols: Int[Tensor, "k"]) -> Float[Tensor, "k d_model"]:
+        """``d_s`` of the given nodes (residual-stream directions of one unit of activation)."""
+        lm = self.lm
+        out = torch.zeros(len(cols), lm.cfg.d_model, dtype=lm.dtype, device=lm.device)
+        for i, g in enumerate(lm.groups):
+            sel = (self.group[cols] == i).nonzero()[:, 0]
+            if len(sel) == 0:
+                continue
+            c = cols[sel]
+            if g.is_feature:
+                w = lm.dictionary(g.kind, g.layer).W_dec[self.feature[c]]
+                out[sel] = w @ lm.W_O_flat(g.layer) if g.kind == "attn_feature" else w
+            else:
+                out[sel] = g.direction[self.pos[c], self.slot[c]]
+        return out
+
+    def feature_target(self, col: int) -> FeatureTarget:
+        return FeatureTarget(self.kind(col), self.layer(col), int(self.feature[col]), int(self.pos[col]))
+
+
+@dataclass
+class ReadingVectors:
+    """Row b: the gradient of reader b with respect to the residual stream it reads, and its constant."""
+
+    g: Float[Tensor, "batch pos d_model"]
+    constant: Float[Tensor, "batch"]
+    stage: Int[Tensor, "batch"]
+
+
+def reading_vectors(lm: LinearisedModel, targets: list[Target]) -> ReadingVectors:
+    """One backward pass for all of ``targets`` (step 1 of the module docstring)."""
+    resid = torch.zeros(len(targets), lm.n_pos, lm.cfg.d_model, dtype=lm.dtype, device=lm.device, requires_grad=True)
+    with torch.enable_grad():
+        h0 = read_targets(lm, targets, resid)
+        (g,) = torch.autograd.grad(h0.sum(), resid)
+    stage = torch.tensor([t.stage(lm) for t in targets], device=lm.device)
+    sees = torch.arange(lm.final_stage, device=lm.device)[None, :] < stage[:, None]  # [batch, stage]
+    const_writes = einsum(g.sum(1), lm._const_writes, "b d, s d -> b s")
+    return ReadingVectors(g, h0.detach() + (const_writes * sees).sum(-1), stage)
+
+
+def direct_effects(lm: LinearisedModel, index: NodeIndex, rv: ReadingVectors) -> Float[Tensor, "batch n"]:
+    """Row b of A: the direct effect of every node on reader b (zero for nodes it cannot see)."""
+    out = torch.zeros(rv.g.shape[0], index.n, dtype=lm.dtype, device=lm.device)
+    for i, group in enumerate(lm.groups):
+        if group.n_nodes == 0 or group.stage >= int(rv.stage.max()):
+            continue
+        dots = lm.unit_dots(group, rv.g) * group.activation  # [batch, pos, m]
+        vals = dots.flatten(1)[:, index.flat[i]]
+        out[:, index.columns(i)] = vals * (group.stage < rv.stage)[:, None]
+    return out
+
+
+@dataclass
+class Hierarchy:
+    """The kept nodes of a hierarchical attribution and their total attributions ``T_s``."""
+
+    kept: Bool[Tensor, "n"]
+    influence: Float[Tensor, "n"]  # T_s, along paths through kept nodes only (0 for nodes never reached)
+    target_value: float
+
+
+def hierarchical_attribution(lm: LinearisedModel, index: NodeIndex, target: Target, threshold: float,
+                             progress: bool = False) -> Hierarchy:
+    """Step 3 of the module docstring: walk the stages down from the target, dropping small nodes at once."""
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0 (a fraction of |target|), got {threshold}")
+    h = target.clean_value(lm)
+    cut = threshold * abs(h)
+    G = reading_vectors(lm, [target]).g
+    kept = torch.zeros(index.n, dtype=torch.bool, device=lm.device)
+    influence = torch.zeros(index.n, dtype=lm.dtype, device=lm.device)
+    for stage in tqdm(range(target.stage(lm) - 1, -1, -1), desc="hierarchical attribution", disable=not progress, leave=False):
+        G_stage = torch.zeros_like(G)
+        for i, group in lm.groups_at(stage):
+            if group.n_nodes == 0:
+                continue
+            T = (lm.unit_dots(group, G) * group.activation)[0]  # [pos, m]
+            pos = torch.arange(lm.n_pos, device=lm.device)[:, None]
+            keep = group.mask & (pos <= target.max_pos) & (T.abs() >= cut)
+            cols = index.columns(i)
+            influence[cols] = T.flatten()[index.flat[i]]
+            kept[cols] = keep.flatten()[index.flat[i]]
+            if group.is_feature and keep.any():
+                # The kept features pass on (T_k / a_k) times their own reading vectors; dropped ones pass nothing.
+                weight = torch.where(keep, T / torch.where(keep, group.activation, torch.ones_like(T)), torch.zeros_like(T))
+                resid = torch.zeros_like(G, requires_grad=True)
+                with torch.enable_grad():
+                    pre = lm.group_pre(group, resid)
+                    (g,) = torch.autograd.grad((pre[0] * weight).sum(), resid)
+                G_stage = G_stage + g
+        G = G + G_stage  # after the whole stage: nodes of one stage do not read each other
+    return Hierarchy(kept, influence, h)
+
+
+@dataclass
+class Attribution:
+    """Everything a circuit is made of, in node-index columns; ``readers[0]`` is the target."""
+
+    index: NodeIndex
+    target: Target
+    hierarchy: Hierarchy
+    threshold: float
+    reader_cols: Int[Tensor, "r"]  # -1 for the target, else the node column of the kept feature
+    reader_value: Float[Tensor, "r"]  # clean value (real model)
+    reader_constant: Float[Tensor, "r"]
+    reader_remainder: Float[Tensor, "r"]
+    reader_residual: Float[Tensor, "r"]  # relative residual of each reader's completeness identity
+    edge_src: Int[Tensor, "e"]  # node column
+    edge_dst: Int[Tensor, "e"]  # reader index
+    edge_weight: Float[Tensor, "e"]
+    edge_heads: Float[Tensor, "e n_heads"] | None  # per-head parts (NaN where the reader is not an attention feature)
+    max_relative_residual: float
+
+
+def relative_residual(value: Tensor, terms_abs: Tensor, residual: Tensor) -> Tensor:
+    """|residual| / max(|value|, sum of |terms|, tiny): the rounding error relative to the numbers summed."""
+    scale = torch.maximum(value.abs(), terms_abs).clamp(min=torch.finfo(value.dtype).tiny)
+    return residual.abs() / scale
+
+
+def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], src: Tensor, dst: Tensor,
+                chunk: int = 4096) -> Float[Tensor, "e n_heads"]:
+    """Per-head parts of edges into attention features: rows (reader, head), one backward pass."""
+    n_heads = lm.cfg.n_heads
+    parts = torch.full((len(src), n_heads), float("nan"), dtype=lm.dtype, device=lm.device)
+    is_attn = torch.tensor([isinstance(r, FeatureTarget) and r.kind == "attn_feature" for r in readers], device=lm.device)
+    attn_readers = is_attn.nonzero()[:, 0]
+    if len(attn_readers) == 0:
+        return parts
+    rows = [FeatureTarget(r.kind, r.layer, r.feature, r.pos, head=h)
+            for r in (readers[int(i)] for i in attn_readers) for h in range(n_heads)]
+    g = reading_vectors(lm, rows).g.reshape(len(attn_readers), n_heads, lm.n_pos, lm.cfg.d_model)
+    slot = torch.full((len(readers),), -1, dtype=torch.long, device=lm.device)
+    slot[attn_readers] = torch.arange(len(attn_readers), device=lm.device)
+    edges = (slot[dst] >= 0).nonzero()[:, 0]
+    sources, local = torch.unique(src[edges], return_inverse=True)
+    writes = index.unit_writes(sources) * index.activation[sources][:, None]  # a_s d_s, once per source
+    for start in range(0, len(edges), chunk):
+        e, loc = edges[start : start + chunk], local[start : start + chunk]
+        g_e = g[slot[dst[e]], :, index.pos[src[e]]]  # [e, heads, d]
+        parts[e] = einsum(g_e, writes[loc], "e h d, e d -> e h")
+    return parts
+
+
+def attribute(lm: LinearisedModel, target: Target, threshold: float = 0.01, batch_size: int = 64,
+              progress: bool = True, check: bool = True) -> Attribution:
+    """Hierarchical attribution of ``target`` then the direct-effect edges among the kept nodes.
+
+    ``threshold`` is a fraction of |target|; 0 keeps every active node that precedes the target.
+    """
+    with torch.no_grad():  # gradients are taken explicitly, only with respect to residual streams
+        return _attribute(lm, target, threshold, batch_size, progress, check)
+
+
+def _attribute(lm: LinearisedModel, target: Target, threshold: float, batch_size: int, progress: bool,
+               check: bool) -> Attribution:
+    index = NodeIndex(lm)
+    hier = hierarchical_attribution(lm, index, target, threshold, progress)
+    kept_features = [int(c) for c in hier.kept.nonzero()[:, 0] if lm.groups[int(index.group[c])].is_feature]
+    readers: list[Target] = [target] + [index.feature_target(c) for c in kept_features]
+    reader_cols = torch.tensor([-1] + kept_features, dtype=torch.long, device=lm.device)
+    n_r = len(readers)
+    value = torch.empty(n_r, dtype=lm.dtype, device=lm.device)
+    constant, remainder, residual = torch.empty_like(value), torch.empty_like(value), torch.empty_like(value)
+    src, dst, weight = [], [], []
+    bar = tqdm(total=n_r, desc="edges", disable=not progress, leave=False)
+    for start in range(0, n_r, batch_size):
+        chunk = readers[start : start + batch_size]
+        rv = reading_vectors(lm, chunk)
+        A = direct_effects(lm, index, rv)  # [b, n]
+        rows = torch.arange(start, start + len(chunk), device=lm.device)
+        v = index.clean_pre[reader_cols[rows].clamp(min=0)]
+        if start == 0:
+            v = v.clone()
+            v[0] = hier.target_value
+        kept_part = torch.where(hier.kept[None, :], A, torch.zeros_like(A))
+        rem = (A - kept_part).sum(-1)  # from the dropped sources' own direct effects
+        kept_sum = kept_part.sum(-1)
+        value[rows], constant[rows], remainder[rows] = v, rv.constant, rem
+        residual[rows] = relative_residual(v, A.abs().sum(-1) + rv.constant.abs(), v - (kept_sum + rv.constant + rem))
+        b, s = kept_part.nonzero(as_tuple=True)
+        src.append(s)
+        dst.append(rows[b])
+        weight.append(kept_part[b, s])
+        bar.update(len(chunk))
+    bar.close()
+    src_t, dst_t, w_t = torch.cat(src), torch.cat(dst), torch.cat(weight)
+    heads = _head_parts(lm, index, readers, src_t, dst_t)
+    max_res = float(residual.max()) if n_r else 0.0
+    result = Attribution(index, target, hier, threshold, reader_cols, value, constant, remainder, residual,
+                         src_t, dst_t, w_t, heads, max_res)
+    log.info("attribution of %s: %d kept nodes, %d edges, max relative residual %.3g",
+             getattr(target, "spec", target), int(hier.kept.sum()), len(w_t), max_res)
+    if check:
+        check_exact(result, lm.dtype)
+    return result
+
+
+def check_exact(result: Attribution, dtype: torch.dtype) -> None:
+    """Raise ``ExactnessError`` if any reader's completeness identity fails beyond the dtype's tolerance."""
+    tol = tolerance(dtype)
+    if not result.max_relative_residual <= tol:  # also catches NaN
+        worst = int(result.reader_residual.argmax())
+        raise ExactnessError(
+            f"completeness fails: reader {worst} has relative residual {result.max_relative_residual:.3g} > {tol:g} "
+            f"(value {float(result.reader_value[worst]):.6g}, constant {float(result.reader_constant[worst]):.6g}, "
+            f"remainder {float(result.reader_remainder[worst]):.6g})"
+        )

@@ -1,0 +1,279 @@
+"""The linearised model: one clean pass, frozen, in which everything downstream is affine in the nodes.
+
+Algorithm (ATTRIBUTION.md section 1; Ameisen et al. 2025 for frozen attention and LayerNorm, Ge et al. 2024
+for attention-SAE nodes):
+
+1. Run the real model once on the prompt (the *clean* pass) and cache every hook.
+2. Freeze, as constants of that pass, every attention pattern (``blocks.L.attn.hook_pattern``) and every
+   LayerNorm scale (``blocks.L.ln1.hook_scale``, ``blocks.L.ln2.hook_scale``, ``ln_final.hook_scale``).
+3. Encode the clean ``hook_z`` (heads concatenated) with each attention SAE and the clean
+   ``ln2.hook_normalized`` with each transcoder. Every feature with a non-zero activation is a *node* whose
+   gate is frozen open (gradient 1); an inactive feature is not a node.
+4. The reconstruction errors, ``error_z = z - attn_sae(z)`` and ``error_mlp = mlp_out - transcoder(ln2_in)``,
+   are nodes too (one per layer and position), as are the token and position embeddings.
+5. Every bias is a *constant*: the attention SAE's ``b_dec`` (through ``W_O``) plus ``b_O``, the
+   transcoder's ``b_dec``, and inside the readers ``b_enc``, ``b_V``, ``b_Q``, ``b_K``, ``b_U`` (LayerNorm
+   betas are folded into these by ``fold_ln``).
+6. The residual stream is then a sum of *writes*: ``resid = sum_s a_s * d_s + sum of constant writes``,
+   written in *stages* in the order of the forward pass: stage 0 the embeddings, stage ``2L+1`` attention
+   layer L, stage ``2L+2`` MLP layer L. A reader at attention layer L sees stages ``< 2L+1``, one at MLP
+   layer L stages ``< 2L+2``, the unembedding all ``2 n_layers + 1`` stages.
+
+Each node group is stored padded by position (``[pos, m]``, ``m`` the most active features at one position)
+so that batched contractions never materialise a ``[batch, nodes, d_model]`` tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from einops import einsum, rearrange
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from saes.dictionary import encode, pre_activation
+from saes.suite import Suite, flatten_z
+
+log = logging.getLogger(__name__)
+
+NodeKind = Literal["embed", "pos_embed", "attn_feature", "attn_error", "mlp_feature", "mlp_error"]
+FEATURE_KINDS = ("attn_feature", "mlp_feature")
+
+
+def attn_stage(layer: int) -> int:
+    return 2 * layer + 1
+
+
+def mlp_stage(layer: int) -> int:
+    return 2 * layer + 2
+
+
+@dataclass
+class NodeGroup:
+    """The nodes one stage writes, of one kind, padded by position: entry ``[p, j]`` is a node iff ``mask[p, j]``.
+
+    ``activation[p, j]`` is ``a_s``; the residual write of the node is ``a_s * d_s`` with ``d_s`` given by
+    :meth:`LinearisedModel.unit_writes`. For embeddings and error nodes ``a_s`` is the norm of the vector they
+    write and ``d_s`` its direction.
+    """
+
+    kind: NodeKind
+    layer: int  # -1 for the embeddings
+    stage: int
+    feature: Int[Tensor, "pos m"]  # dictionary feature index; -1 for padding and for non-feature nodes
+    activation: Float[Tensor, "pos m"]  # 0 at padding
+    mask: Bool[Tensor, "pos m"]
+    clean_pre: Float[Tensor, "pos m"]  # the clean pre-activation (features only; equals the activation)
+    direction: Float[Tensor, "pos m d_model"] | None = None  # unit writes of non-feature nodes
+
+    @property
+    def is_feature(self) -> bool:
+        return self.kind in FEATURE_KINDS
+
+    @property
+    def n_nodes(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+
+def _pad_active(acts: Float[Tensor, "pos d_sae"], pre: Float[Tensor, "pos d_sae"]):
+    """Indices of the active features at each position, padded to the largest count."""
+    active = acts != 0
+    m = int(active.sum(-1).max()) if acts.numel() else 0
+    order = torch.argsort((~active).to(torch.int8), dim=-1, stable=True)[:, :m]
+    mask = active.gather(-1, order)
+    feature = torch.where(mask, order, torch.full_like(order, -1))
+    activation = torch.where(mask, acts.gather(-1, order), torch.zeros((), dtype=acts.dtype))
+    clean_pre = torch.where(mask, pre.gather(-1, order), torch.zeros((), dtype=acts.dtype))
+    return feature, activation, mask, clean_pre
+
+
+def _vector_group(kind: NodeKind, layer: int, stage: int, vectors: Float[Tensor, "pos d_model"]) -> NodeGroup:
+    norm = vectors.norm(dim=-1)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    pos = vectors.shape[0]
+    return NodeGroup(
+        kind=kind, layer=layer, stage=stage,
+        feature=torch.full((pos, 1), -1, dtype=torch.long, device=vectors.device),
+        activation=norm[:, None], mask=(norm > 0)[:, None], clean_pre=torch.zeros_like(norm)[:, None],
+        direction=(vectors / safe[:, None])[:, None, :],
+    )
+
+
+class LinearisedModel:
+    """A suite frozen at one prompt's clean pass (see the module docstring).
+
+    Hold it for one prompt; it keeps the clean cache, the frozen patterns and scales, and the node groups.
+    """
+
+    def __init__(self, suite: Suite, tokens: Int[Tensor, "1 pos"]):
+        model = suite.model
+        cfg = model.cfg
+        missing = [l for l in range(cfg.n_layers) if l not in suite.attn_saes or l not in suite.transcoders]
+        if missing:
+            raise ValueError(f"suite {suite.name!r} lacks an attention SAE or a transcoder at layers {missing}; "
+                             "the linearised model needs both at every layer")
+        if tokens.ndim != 2 or tokens.shape[0] != 1:
+            raise ValueError(f"tokens must have shape [1, pos], got {tuple(tokens.shape)}")
+        self.suite, self.model, self.cfg = suite, model, cfg
+        self.n_layers = cfg.n_layers
+        self.final_stage = 2 * cfg.n_layers + 1
+        self.tokens = tokens
+        self.n_pos = tokens.shape[1]
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens)
+        self.cache = {k: v[0].detach() for k, v in cache.items()}  # drop the batch axis
+        self.clean_logits: Float[Tensor, "pos d_vocab"] = logits[0].detach()
+        self.dtype, self.device = self.clean_logits.dtype, self.clean_logits.device
+        c = self.cache
+        self.patterns = torch.stack([c[f"blocks.{l}.attn.hook_pattern"] for l in range(self.n_layers)])
+        self.scale_ln1 = torch.stack([c[f"blocks.{l}.ln1.hook_scale"][:, 0] for l in range(self.n_layers)])
+        self.scale_ln2 = torch.stack([c[f"blocks.{l}.ln2.hook_scale"][:, 0] for l in range(self.n_layers)])
+        self.scale_final = c["ln_final.hook_scale"][:, 0]
+        self.groups: list[NodeGroup] = []
+        self._build_groups()
+        self._const_writes = self._constant_writes()
+
+    # ------------------------------------------------------------------ construction
+    def W_O_flat(self, layer: int) -> Float[Tensor, "hd d_model"]:
+        return rearrange(self.model.blocks[layer].attn.W_O, "h e d -> (h e) d")
+
+    def _build_groups(self) -> None:
+        c, model = self.cache, self.model
+        with torch.no_grad():
+            self.groups.append(_vector_group("embed", -1, 0, model.W_E[self.tokens[0]]))
+            self.groups.append(_vector_group("pos_embed", -1, 0, model.W_pos[: self.n_pos]))
+            for layer in range(self.n_layers):
+                sae = self.suite.attn_saes[layer]
+                z = flatten_z(c[f"blocks.{layer}.attn.hook_z"]).to(self.dtype)
+                pre = pre_activation(sae, z)
+                acts = encode(sae, z)
+                feature, act, mask, clean_pre = _pad_active(acts, pre)
+                self.groups.append(NodeGroup("attn_feature", layer, attn_stage(layer), feature, act, mask, clean_pre))
+                error_z = z - (acts @ sae.W_dec + sae.b_dec)
+                self.groups.append(_vector_group("attn_error", layer, attn_stage(layer), error_z @ self.W_O_flat(layer)))
+
+                tc = self.suite.transcoders[layer]
+                x = c[f"blocks.{layer}.ln2.hook_normalized"]
+                pre = pre_activation(tc, x)
+                acts = encode(tc, x)
+                feature, act, mask, clean_pre = _pad_active(acts, pre)
+                self.groups.append(NodeGroup("mlp_feature", layer, mlp_stage(layer), feature, act, mask, clean_pre))
+                error = c[f"blocks.{layer}.hook_mlp_out"] - (acts @ tc.W_dec + tc.b_dec)
+                self.groups.append(_vector_group("mlp_error", layer, mlp_stage(layer), error))
+        log.info("linearised model: %d positions, %d nodes", self.n_pos, sum(g.n_nodes for g in self.groups))
+
+    def _constant_writes(self) -> Float[Tensor, "stage d_model"]:
+        """The bias each stage writes into the residual stream (the same at every position)."""
+        out = torch.zeros(self.final_stage, self.cfg.d_model, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            for layer in range(self.n_layers):
+                attn = self.model.blocks[layer].attn
+                out[attn_stage(layer)] = self.suite.attn_saes[layer].b_dec @ self.W_O_flat(layer) + attn.b_O
+                out[mlp_stage(layer)] = self.suite.transcoders[layer].b_dec
+        return out
+
+    def constant_write(self, stage: int) -> Float[Tensor, "d_model"]:
+        return self._const_writes[stage]
+
+    def groups_at(self, stage: int) -> list[tuple[int, NodeGroup]]:
+        return [(i, g) for i, g in enumerate(self.groups) if g.stage == stage]
+
+    def feature_group(self, kind: str, layer: int) -> NodeGroup:
+        return next(g for g in self.groups if g.kind == kind and g.layer == layer)
+
+    def dictionary(self, kind: str, layer: int):
+        return self.suite.attn_saes[layer] if kind == "attn_feature" else self.suite.transcoders[layer]
+
+    # ------------------------------------------------------------------ node writes
+    def unit_dots(self, group: NodeGroup, g: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos m"]:
+        """``d_s . g[pos_s]`` for every node of the group: the direct effect per unit of activation."""
+        if not group.is_feature:
+            return einsum(g, group.direction, "b p d, p m d -> b p m")
+        sae = self.dictionary(group.kind, group.layer)
+        dec = sae.W_dec[group.feature.clamp(min=0)]  # [pos, m, d_out]
+        if group.kind == "attn_feature":
+            g = g @ self.W_O_flat(group.layer).T  # pull the reading vector back through W_O into hook_z space
+        return einsum(g, dec, "b p d, p m d -> b p m") * group.mask
+
+    def write(self, group: NodeGroup, act: Float[Tensor, "batch pos m"]) -> Float[Tensor, "batch pos d_model"]:
+        """The residual write of the group for activations ``act`` (masked to the group's nodes)."""
+        act = act * group.mask
+        if not group.is_feature:
+            return einsum(act, group.direction, "b p m, p m d -> b p d")
+        sae = self.dictionary(group.kind, group.layer)
+        out = einsum(act, sae.W_dec[group.feature.clamp(min=0)], "b p m, p m d -> b p d")
+        return out @ self.W_O_flat(group.layer) if group.kind == "attn_feature" else out
+
+    # ------------------------------------------------------------------ readers (affine in the residual)
+    def ln(self, resid: Float[Tensor, "batch pos d_model"], scale: Float[Tensor, "pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """LayerNormPre with its scale frozen to the clean pass: linear in ``resid``."""
+        return (resid - resid.mean(-1, keepdim=True)) / scale[:, None]
+
+    def attn_z(self, layer: int, resid: Float[Tensor, "batch pos d_model"],
+               head: int | None = None) -> Float[Tensor, "batch pos hd"]:
+        """``hook_z`` (heads concatenated) through the frozen pattern; only head ``head`` if given."""
+        attn = self.model.blocks[layer].attn
+        x = self.ln(resid, self.scale_ln1[layer])
+        v = einsum(x, attn.W_V, "b k d, h d e -> b k h e") + attn.b_V
+        z = einsum(self.patterns[layer], v, "h q k, b k h e -> b q h e")
+        if head is not None:
+            keep = torch.zeros(z.shape[2], 1, dtype=z.dtype, device=z.device)
+            keep[head] = 1
+            z = z * keep
+        return flatten_z(z)
+
+    def dictionary_input(self, kind: str, layer: int, resid: Float[Tensor, "batch pos d_model"],
+                         head: int | None = None) -> Float[Tensor, "batch pos d_in"]:
+        if kind == "attn_feature":
+            return self.attn_z(layer, resid, head)
+        return self.ln(resid, self.scale_ln2[layer])
+
+    def group_pre(self, group: NodeGroup, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos m"]:
+        """Pre-activations of all the group's nodes, read from ``resid`` (the residual before their stage)."""
+        sae = self.dictionary(group.kind, group.layer)
+        x = self.dictionary_input(group.kind, group.layer, resid)
+        idx = group.feature.clamp(min=0)
+        enc = rearrange(sae.W_enc, "i f -> f i")[idx]  # [pos, m, d_in]
+        return (einsum(x, enc, "b p i, p m i -> b p m") + sae.b_enc[idx]) * group.mask
+
+    def logits_from(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return self.ln(resid, self.scale_final) @ self.model.W_U + self.model.b_U
+
+    # ------------------------------------------------------------------ the linearised forward pass
+    def residual(self, stage_limit: int, delta: dict[int, Tensor] | None = None, chain: bool = False,
+                 batch: int = 1) -> Float[Tensor, "batch pos d_model"]:
+        """The residual stream read by a stage-``stage_limit`` reader.
+
+        ``delta[i]`` ([batch, pos, m]) is added to group i's activations. With ``chain=False`` every node is
+        held at its clean activation (direct effects); with ``chain=True`` each feature's activation is
+        recomputed from the residual before its stage with its gate frozen (total effects).
+        """
+        delta = delta or {}
+        resid = torch.zeros(batch, self.n_pos, self.cfg.d_model, dtype=self.dtype, device=self.device)
+        for stage in range(stage_limit):
+            writes = self.constant_write(stage).expand_as(resid)
+            for i, group in self.groups_at(stage):
+                act = self.group_pre(group, resid) if (chain and group.is_feature) else group.activation.expand(batch, -1, -1)
+                if i in delta:
+                    act = act + delta[i]
+                writes = writes + self.write(group, act)
+            resid = resid + writes
+        return resid
+
+    def logits(self, delta: dict[int, Tensor] | None = None, chain: bool = False,
+               batch: int = 1) -> Float[Tensor, "batch pos d_vocab"]:
+        """Logits of the linearised model; with no ``delta`` they equal the clean logits up to rounding."""
+        return self.logits_from(self.residual(self.final_stage, delta, chain, batch))
+
+    def total_nodes(self) -> int:
+        return sum(g.n_nodes for g in self.groups)
+
+    def token_strings(self) -> list[str]:
+        return [self.model.tokenizer.decode([int(t)]) for t in self.tokens[0]]

@@ -198,7 +198,7 @@ def prompt_feature_acts(suite, dictionary: str, prompt: str) -> tuple[Tensor, Fl
 
 def write_prompt_dashboard(suite, dictionary: str, prompt: str, out_path: Path, tokens: TokenSet | None = None,
                            n_tokens: int = DEFAULT_TOKENS, features: list[int] | None = None,
-                           top_per_token: int = 5, max_features: int = 40, progress: bool = False) -> Path:
+                           top_per_token: int = 5, max_features: int = 20, progress: bool = False) -> Path:
     """sae-vis's prompt-centric page: for each token of ``prompt``, the features of ``dictionary`` that matter
     most there (by activation, activation quantile, loss effect), each with its mini-dashboard."""
     from sae_vis.data_fetching_fns import parse_prompt_data
@@ -212,7 +212,7 @@ def write_prompt_dashboard(suite, dictionary: str, prompt: str, out_path: Path, 
         if not features:
             raise ValueError(f"no feature of {dictionary} fires on this prompt; try a longer prompt or another dictionary")
     tokens = tokens if tokens is not None else heldout_token_set(suite.model, n_tokens)
-    dd = build_dictionary_dashboards(suite, dictionary, features, tokens, progress=progress)
+    dd = build_dictionary_dashboards(suite, dictionary, features, tokens, progress=progress, with_scorecards=False)
     vis_data, model, sae = dd.vis_data, suite.model, suite.dictionary(dictionary)
     view = adapter.vis_view(sae, n_ctx=tokens.rows.shape[1])
     # "|" separates metric and token in sae-vis's keys; a token containing it would break the dropdowns.
@@ -225,7 +225,8 @@ def write_prompt_dashboard(suite, dictionary: str, prompt: str, out_path: Path, 
         )
     for f, pd in prompt_data.items():
         vis_data.feature_data_dict[f]["prompt"] = pd
-    start = next((k for k, v in scores.items() if v), None)
+    # Open on the first token after BOS that has active features (BOS itself is rarely interesting).
+    start = next((k for k, v in scores.items() if v and not k.endswith(" (0)")), None) or next((k for k, v in scores.items() if v), None)
     if start is None:
         raise ValueError("no feature is active on any token of the prompt")
     layout = vis_data.cfg.prompt_centric_layout

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -195,8 +195,8 @@ class FeatureActivations:
     acts: Float[Tensor, "row pos feat"]
     neuron_corr: Float[Tensor, "feat neuron"]  # Pearson with every MLP neuron, layers concatenated
     d_mlp: int
+    clean_loss: Float[Tensor, "row pos_minus_1"]  # next-token loss of the unmodified model
     resid_final: Float[Tensor, "row pos d_model"] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def dictionary_input(cache_value: Tensor, hook_name: str) -> Tensor:
@@ -222,10 +222,12 @@ def collect_activations(suite, dictionary: str, features: list[int], tokens: Tok
     resid_hook = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
     names = {spec.hook_in, resid_hook, *post_hooks}
     idx = torch.tensor(features, device=sae.W_enc.device)
-    acts_out, resid_out, corr = [], [], RunningPearson()
+    acts_out, resid_out, loss_out, corr = [], [], [], RunningPearson()
     batches = tokens.rows.split(batch_rows)
     for batch in tqdm(batches, desc=f"activations {dictionary}", disable=not progress):
-        _, cache = model.run_with_cache(batch.to(device), names_filter=lambda n: n in names)
+        toks = batch.to(device)
+        logits, cache = model.run_with_cache(toks, names_filter=lambda n: n in names)
+        loss_out.append(next_token_loss(logits, toks).float().cpu())
         all_acts = encode(sae, dictionary_input(cache[spec.hook_in], spec.hook_in))
         acts = all_acts[..., idx]
         if on_batch is not None:
@@ -237,8 +239,13 @@ def collect_activations(suite, dictionary: str, features: list[int], tokens: Tok
             resid_out.append(cache[resid_hook].float().cpu())
     return FeatureActivations(
         dictionary=dictionary, features=list(features), acts=torch.cat(acts_out), neuron_corr=corr.pearson().float(),
-        d_mlp=cfg.d_mlp, resid_final=torch.cat(resid_out) if keep_resid_final else None,
+        d_mlp=cfg.d_mlp, clean_loss=torch.cat(loss_out), resid_final=torch.cat(resid_out) if keep_resid_final else None,
     )
+
+
+def next_token_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Tensor) -> Float[Tensor, "batch pos_minus_1"]:
+    logprobs = logits[:, :-1].float().log_softmax(-1)
+    return -logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
 def check_features(sae, dictionary: str, features: list[int]) -> None:
@@ -300,10 +307,10 @@ def token_text(tokenizer, token_id: int) -> str:
 
 @torch.inference_mode()
 def ablation_delta_loss(suite, dictionary: str, feature: int, tokens: TokenSet, acts: Float[Tensor, "row pos"],
-                        max_rows: int = 32, batch_rows: int = 8) -> tuple[float, int]:
+                        clean_loss: Float[Tensor, "row pos_minus_1"], max_rows: int = 32, batch_rows: int = 16) -> tuple[float, int]:
     """Mean change in next-token loss at the positions where the feature fires when ``act * W_dec[f]`` is taken
-    out of the dictionary's output hook there. Uses the first ``max_rows`` rows in which it fires.
-    Returns (mean change, number of positions measured)."""
+    out of the dictionary's output hook there (``clean_loss`` is the unmodified model's, from the same pass as
+    ``acts``). Uses the first ``max_rows`` rows in which it fires. Returns (mean change, positions measured)."""
     model, sae = suite.model, suite.dictionary(dictionary)
     spec = spec_of(sae)
     device = next(model.parameters()).device
@@ -326,9 +333,9 @@ def ablation_delta_loss(suite, dictionary: str, feature: int, tokens: TokenSet, 
                 delta = delta.view(*value.shape)
             return value - delta.to(value.dtype)
 
-        clean = model(toks, return_type="loss", loss_per_token=True)
-        ablated = model.run_with_hooks(toks, return_type="loss", loss_per_token=True, fwd_hooks=[(spec.hook_out, subtract)])
-        deltas.append((ablated - clean)[where[:, :-1]])
+        logits = model.run_with_hooks(toks, fwd_hooks=[(spec.hook_out, subtract)])
+        ablated = next_token_loss(logits, toks).cpu()
+        deltas.append((ablated - clean_loss[chunk])[where[:, :-1].cpu()])
     d = torch.cat(deltas)
     return float(d.mean()), int(d.numel())
 
@@ -370,7 +377,7 @@ def scorecard(suite, fa: FeatureActivations, feature: int, token_class: TokenCla
     scores = class_scores(body, mask[:, 1:])
     weights = decoder_logit_weights(suite, fa.dictionary, feature)
     corr, neuron = max_neuron(fa.neuron_corr[j], fa.d_mlp)
-    delta, n_ablated = ablation_delta_loss(suite, fa.dictionary, feature, tokens, acts)
+    delta, n_ablated = ablation_delta_loss(suite, fa.dictionary, feature, tokens, acts, fa.clean_loss)
     return {
         "token_class": token_class.name, "token_class_rule": token_class.to_json(), "claimed_by": claimed_by,
         "dictionary": fa.dictionary, "feature": feature,

@@ -164,3 +164,20 @@ def test_bad_inputs(planted):
     with pytest.raises(ValueError, match="never occurs"):
         class_scores(torch.ones(4), torch.zeros(4, dtype=torch.bool))
     assert parse_token_class(".") == FULL_STOP and parse_token_class("for").texts == ("for",)
+
+
+def test_ablating_a_zero_direction_changes_nothing(planted):
+    """The ablation subtracts act * W_dec[f]; with that row zeroed the loss must not move (the clean loss comes
+    from the activation pass, the ablated one from a separate run)."""
+    suite, cls, members, tokens, texts, fa = planted
+    tc = suite.transcoders[0]
+    with torch.no_grad():
+        saved = tc.W_dec[PLANTED_FEATURE].clone()
+        tc.W_dec[PLANTED_FEATURE] = 0.0
+    try:
+        card = scorecard(suite, fa, PLANTED_FEATURE, cls, tokens, texts)
+    finally:
+        with torch.no_grad():
+            tc.W_dec[PLANTED_FEATURE] = saved
+    assert card["ablation_positions"] > 10
+    assert abs(card["ablation_delta_loss"]) < 1e-5

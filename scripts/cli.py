@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = [
     "scripts.cmd_suite",
     "scripts.cmd_dashboard",
+    "scripts.cmd_trace",
 ]
 
 

@@ -7,8 +7,8 @@ For each dictionary with requested features:
    batch of features and caches every attention pattern of an attention SAE's layer for every row.)
 2. sae-vis's ``parse_feature_data`` turns those into its per-feature data (top and quantile examples, the
    activation and logit histograms, logit tables). For an attention SAE, the direct feature attribution of an
-   example needs that layer's values and patterns: they are recomputed for the few rows sae-vis shows
-   (``RecomputedRows``), not cached for all rows.
+   example needs that layer's values and patterns: values are kept, and the few pattern rows sae-vis shows are
+   computed from kept queries and keys (``PatternFromQK``) instead of caching every pattern of every row.
 3. The scorecard of each feature (``analysis/scorecard.py``) is written as JSON and drawn beside its page.
 4. Pages are self-contained (scripts inline, ``analysis/sae_vis_adapter.py``): they render with no network.
 
@@ -39,39 +39,34 @@ log = logging.getLogger(__name__)
 DEFAULT_TOKENS = 50_000
 
 
-class RecomputedRows:
-    """Stands in for one cached activation ``[row ...]`` in sae-vis's cache: when sae-vis indexes it with
-    ``[rows, ...]``, only those rows are run (up to the hook's layer). Two instances share a memo so that the
-    values and the pattern of the same rows come from one forward pass."""
+class PatternFromQK:
+    """Stands in for ``blocks.L.attn.hook_pattern`` in sae-vis's cache. sae-vis reads it only as
+    ``[rows, :, dest]`` (the attention of each shown example's destination token), so instead of every pattern
+    of every row (``rows x heads x pos x pos``) we keep queries and keys (``rows x pos x heads x d_head``) and
+    compute those pattern rows with the model's own ``calculate_attention_scores`` and its causal mask."""
 
-    def __init__(self, model, rows: Tensor, hook_names: tuple[str, ...], hook_name: str, memo: dict, batch_rows: int = 16):
-        self.model, self.rows, self.hook_names, self.hook_name = model, rows, hook_names, hook_name
-        self.memo, self.batch_rows = memo, batch_rows
-        self.layer = max(int(h.split(".")[1]) for h in hook_names)
+    def __init__(self, attn, q: Tensor, k: Tensor):
+        self.attn, self.q, self.k = attn, q, k
 
     @torch.inference_mode()
-    def _run(self, batch: Tensor) -> dict[str, Tensor]:
-        key = tuple(batch.tolist())
-        if self.memo.get("key") != key:
-            device = next(self.model.parameters()).device
-            uniq, inverse = batch.unique(return_inverse=True)
-            parts: dict[str, list[Tensor]] = {h: [] for h in self.hook_names}
-            for chunk in uniq.split(self.batch_rows):
-                _, cache = self.model.run_with_cache(
-                    self.rows[chunk].to(device), names_filter=lambda n: n in self.hook_names, stop_at_layer=self.layer + 1
-                )
-                for h in self.hook_names:
-                    parts[h].append(cache[h].float().cpu())
-            self.memo.clear()
-            self.memo.update(key=key, values={h: torch.cat(v)[inverse] for h, v in parts.items()})
-        return self.memo["values"]
+    def __getitem__(self, index) -> Float[Tensor, "k n_heads src"]:
+        rows, heads, dest = index
+        if heads != slice(None):
+            raise IndexError("PatternFromQK supports only [rows, :, dest], the form sae-vis uses")
+        rows, dest = torch.as_tensor(rows).flatten(), torch.as_tensor(dest).flatten()
+        param = next(self.attn.parameters())
+        q = self.q[rows, dest][:, None].to(param.device)  # [k 1 n_heads d_head]
+        k = self.k[rows].to(param.device)  # [k src n_heads d_head]
+        scores = self.attn.calculate_attention_scores(q, k)[:, :, 0]  # [k n_heads src]
+        src = torch.arange(k.shape[1], device=scores.device)
+        scores = scores.masked_fill(src[None, None, :] > dest.to(scores.device)[:, None, None], float("-inf"))
+        return scores.softmax(-1).float().cpu()
 
-    def __getitem__(self, index):
-        index = index if isinstance(index, tuple) else (index,)
-        batch = torch.as_tensor(index[0]).flatten()
-        full = self._run(batch)[self.hook_name]
-        rest = index[1:]
-        return full[(torch.arange(len(batch)), *rest)] if rest else full
+
+def pattern_from_qk_is_exact(model) -> bool:
+    """Queries and keys give the pattern directly only for plain causal attention (no rotary, ALiBi, bias)."""
+    cfg = model.cfg
+    return cfg.positional_embedding_type in ("standard", "shortformer") and cfg.attention_dir == "causal"
 
 
 @dataclass
@@ -109,15 +104,21 @@ def build_dictionary_dashboards(suite, dictionary: str, features: list[int], tok
     def update(acts: Tensor, all_acts: Tensor) -> None:
         corr_sae.update(acts.float().cpu(), all_acts.float().cpu())
 
-    fa = collect_activations(suite, dictionary, features, tokens, keep_resid_final=True, on_batch=update, progress=progress)
     layer = view.cfg.hook_layer
     resid_hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    cache: dict[str, Any] = {resid_hook: fa.resid_final, f"{view.cfg.hook_name}.hook_sae_acts_post": fa.acts}
-    if view.cfg.hook_name.endswith("hook_z"):
-        hooks = (f"blocks.{layer}.attn.hook_v", f"blocks.{layer}.attn.hook_pattern")
-        memo: dict = {}
-        for h in hooks:
-            cache[h] = RecomputedRows(model, tokens.rows, hooks, h, memo)
+    keep = [resid_hook]
+    is_attn = view.cfg.hook_name.endswith("hook_z")
+    if is_attn:
+        if not pattern_from_qk_is_exact(model):
+            raise NotImplementedError(f"direct feature attribution pages need standard causal attention; {model.cfg.positional_embedding_type} is not supported")
+        keep += [f"blocks.{layer}.attn.hook_{x}" for x in "qkv"]
+    fa = collect_activations(suite, dictionary, features, tokens, keep=tuple(keep), scorecard_stats=with_scorecards,
+                             on_batch=update, progress=progress)
+    cache: dict[str, Any] = {resid_hook: fa.kept[resid_hook], f"{view.cfg.hook_name}.hook_sae_acts_post": fa.acts}
+    if is_attn:
+        attn_hook = f"blocks.{layer}.attn"
+        cache[f"{attn_hook}.hook_v"] = fa.kept[f"{attn_hook}.hook_v"]
+        cache[f"{attn_hook}.hook_pattern"] = PatternFromQK(model.blocks[layer].attn, fa.kept[f"{attn_hook}.hook_q"], fa.kept[f"{attn_hook}.hook_k"])
     with torch.inference_mode():
         out_dir = sae.W_dec[features].detach()
         vis_data, _ = parse_feature_data(
@@ -130,7 +131,7 @@ def build_dictionary_dashboards(suite, dictionary: str, features: list[int], tok
     texts = texts or vocab_texts(model.tokenizer, model.cfg.d_vocab)
     classes = token_classes or {}
     cards = {f: scorecard(suite, fa, f, classes.get(f), tokens, texts) for f in features} if with_scorecards else {}
-    fa.resid_final = None  # the pages are built; free the largest tensor
+    fa.kept.clear()  # the sae-vis data is built; free the largest tensors
     return DictionaryDashboards(dictionary, vis_data, fa, cards)
 
 
@@ -141,6 +142,14 @@ def feature_page_html(dd: DictionaryDashboards, feature: int, suite_name: str = 
     title = f"{suite_name} {dd.dictionary} feature {feature}".strip()
     return adapter.page_html(dd.vis_data, layout, str(feature), data, title=title,
                              before=scorecard_panel(card, title) if card else "")
+
+
+def dictionary_page_html(dd: DictionaryDashboards, suite_name: str = "") -> str:
+    """One page with every feature of ``dd`` behind sae-vis's feature dropdown (no scorecard panel)."""
+    layout = dd.vis_data.cfg.feature_centric_layout
+    feats = dd.activations.features
+    data = adapter.component_data(dd.vis_data, layout, feats)
+    return adapter.page_html(dd.vis_data, layout, str(feats[0]), data, title=f"{suite_name} {dd.dictionary}".strip())
 
 
 def page_name(dictionary: str, feature: int) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -193,10 +193,10 @@ class FeatureActivations:
     dictionary: str
     features: list[int]
     acts: Float[Tensor, "row pos feat"]
-    neuron_corr: Float[Tensor, "feat neuron"]  # Pearson with every MLP neuron, layers concatenated
     d_mlp: int
-    clean_loss: Float[Tensor, "row pos_minus_1"]  # next-token loss of the unmodified model
-    resid_final: Float[Tensor, "row pos d_model"] | None = None
+    neuron_corr: Float[Tensor, "feat neuron"] | None = None  # Pearson with every MLP neuron, layers concatenated
+    clean_loss: Float[Tensor, "row pos_minus_1"] | None = None  # next-token loss of the unmodified model
+    kept: dict[str, Tensor] = field(default_factory=dict)  # other activations asked for, by hook name
 
 
 def dictionary_input(cache_value: Tensor, hook_name: str) -> Tensor:
@@ -204,13 +204,14 @@ def dictionary_input(cache_value: Tensor, hook_name: str) -> Tensor:
 
 
 @torch.inference_mode()
-def collect_activations(suite, dictionary: str, features: list[int], tokens: TokenSet, batch_rows: int = 16,
-                        keep_resid_final: bool = False,
+def collect_activations(suite, dictionary: str, features: list[int], tokens: TokenSet, batch_rows: int = 32,
+                        keep: tuple[str, ...] = (), scorecard_stats: bool = True,
                         on_batch: Callable[[Tensor, Tensor], None] | None = None,
                         progress: bool = False) -> FeatureActivations:
-    """Run the model once over ``tokens``; encode with ``dictionary``; keep the requested features' activations,
-    their Pearson correlation with every MLP neuron (non-BOS tokens), and optionally the final residual stream.
-    ``on_batch(requested_acts, all_acts)`` sees every batch (both ``[batch pos feat]``)."""
+    """Run the model once over ``tokens``; encode with ``dictionary``; keep the requested features' activations
+    and the activations at the hooks named in ``keep`` (float32, on the CPU). With ``scorecard_stats``, also
+    the features' Pearson correlation with every MLP neuron (non-BOS tokens) and the clean next-token loss;
+    without, the pass stops before the unembedding. ``on_batch(requested_acts, all_acts)`` sees every batch."""
     from tqdm.auto import tqdm
 
     model, sae = suite.model, suite.dictionary(dictionary)
@@ -218,28 +219,31 @@ def collect_activations(suite, dictionary: str, features: list[int], tokens: Tok
     check_features(sae, dictionary, features)
     cfg = model.cfg
     device = next(model.parameters()).device
-    post_hooks = [f"blocks.{l}.mlp.hook_post" for l in range(cfg.n_layers)]
-    resid_hook = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
-    names = {spec.hook_in, resid_hook, *post_hooks}
+    post_hooks = [f"blocks.{l}.mlp.hook_post" for l in range(cfg.n_layers)] if scorecard_stats else []
+    names = {spec.hook_in, *keep, *post_hooks}
     idx = torch.tensor(features, device=sae.W_enc.device)
-    acts_out, resid_out, loss_out, corr = [], [], [], RunningPearson()
-    batches = tokens.rows.split(batch_rows)
-    for batch in tqdm(batches, desc=f"activations {dictionary}", disable=not progress):
+    acts_out, loss_out, corr = [], [], RunningPearson()
+    kept: dict[str, list[Tensor]] = {h: [] for h in keep}
+    for batch in tqdm(tokens.rows.split(batch_rows), desc=f"activations {dictionary}", disable=not progress):
         toks = batch.to(device)
-        logits, cache = model.run_with_cache(toks, names_filter=lambda n: n in names)
-        loss_out.append(next_token_loss(logits, toks).float().cpu())
+        logits, cache = model.run_with_cache(toks, names_filter=lambda n: n in names,
+                                             stop_at_layer=None if scorecard_stats else cfg.n_layers)
         all_acts = encode(sae, dictionary_input(cache[spec.hook_in], spec.hook_in))
         acts = all_acts[..., idx]
         if on_batch is not None:
             on_batch(acts, all_acts)
-        neurons = torch.cat([cache[h] for h in post_hooks], dim=-1)
-        corr.update(acts[:, 1:].flatten(0, 1), neurons[:, 1:].flatten(0, 1))
+        if scorecard_stats:
+            loss_out.append(next_token_loss(logits, toks).float().cpu())
+            neurons = torch.cat([cache[h] for h in post_hooks], dim=-1)
+            corr.update(acts[:, 1:].flatten(0, 1), neurons[:, 1:].flatten(0, 1))
         acts_out.append(acts.float().cpu())
-        if keep_resid_final:
-            resid_out.append(cache[resid_hook].float().cpu())
+        for h in keep:
+            kept[h].append(cache[h].float().cpu())
     return FeatureActivations(
-        dictionary=dictionary, features=list(features), acts=torch.cat(acts_out), neuron_corr=corr.pearson().float(),
-        d_mlp=cfg.d_mlp, clean_loss=torch.cat(loss_out), resid_final=torch.cat(resid_out) if keep_resid_final else None,
+        dictionary=dictionary, features=list(features), acts=torch.cat(acts_out), d_mlp=cfg.d_mlp,
+        neuron_corr=corr.pearson().float() if scorecard_stats else None,
+        clean_loss=torch.cat(loss_out) if scorecard_stats else None,
+        kept={h: torch.cat(v) for h, v in kept.items()},
     )
 
 
@@ -366,6 +370,8 @@ def scorecard(suite, fa: FeatureActivations, feature: int, token_class: TokenCla
               texts: list[str] | None = None, k_logits: int = 10) -> dict[str, Any]:
     """The scorecard of one feature of ``fa`` as a JSON-ready dict. Without a token class, the class is the
     token text that receives most of its activation (``claimed_by``: "top token")."""
+    if fa.neuron_corr is None or fa.clean_loss is None:
+        raise ValueError("these activations were collected without scorecard_stats; collect them with scorecard_stats=True")
     texts = texts or vocab_texts(suite.model.tokenizer, suite.model.cfg.d_vocab)
     j = fa.features.index(feature)
     acts = fa.acts[..., j]

@@ -375,17 +375,22 @@ def scorecard(suite, fa: FeatureActivations, feature: int, token_class: TokenCla
     texts = texts or vocab_texts(suite.model.tokenizer, suite.model.cfg.d_vocab)
     j = fa.features.index(feature)
     acts = fa.acts[..., j]
-    claimed_by = "given"
-    if token_class is None:
-        token_class, claimed_by = claimed_class(suite, acts, tokens, texts), "top token"
-    mask = class_mask(token_class, tokens, texts)
     body = acts[:, 1:]
-    scores = class_scores(body, mask[:, 1:])
+    claimed_by = "given"
+    if token_class is None and not (body > 0).any():
+        # A feature that never fires here claims nothing; its card says so rather than failing the whole page set.
+        token_class, claimed_by = None, "never fires on these tokens"
+        scores = ClassScores(0.0, 0.0, 0.0, 0, 0)
+    else:
+        if token_class is None:
+            token_class, claimed_by = claimed_class(suite, acts, tokens, texts), "top token"
+        scores = class_scores(body, class_mask(token_class, tokens, texts)[:, 1:])
     weights = decoder_logit_weights(suite, fa.dictionary, feature)
     corr, neuron = max_neuron(fa.neuron_corr[j], fa.d_mlp)
     delta, n_ablated = ablation_delta_loss(suite, fa.dictionary, feature, tokens, acts, fa.clean_loss)
     return {
-        "token_class": token_class.name, "token_class_rule": token_class.to_json(), "claimed_by": claimed_by,
+        "token_class": token_class.name if token_class else "", "token_class_rule": token_class.to_json() if token_class else None,
+        "claimed_by": claimed_by,
         "dictionary": fa.dictionary, "feature": feature,
         "specificity": round(scores.specificity, 4), "sensitivity": round(scores.sensitivity, 4),
         "max_act": round(scores.max_act, 4), "fire_threshold": round(FIRE_FRACTION * scores.max_act, 4),

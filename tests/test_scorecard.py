@@ -181,3 +181,19 @@ def test_ablating_a_zero_direction_changes_nothing(planted):
             tc.W_dec[PLANTED_FEATURE] = saved
     assert card["ablation_positions"] > 10
     assert abs(card["ablation_delta_loss"]) < 1e-5
+
+
+def test_a_feature_that_never_fires_gets_an_honest_card(planted):
+    suite, cls, members, tokens, texts, fa = planted
+    tc = suite.transcoders[1]
+    with torch.no_grad():
+        saved = tc.b_enc[11].clone()
+        tc.b_enc[11] = -1e4
+    try:
+        fa1 = collect_activations(suite, "mlp1", [11], tokens)
+        card = scorecard(suite, fa1, 11, None, tokens, texts)
+    finally:
+        with torch.no_grad():
+            tc.b_enc[11] = saved
+    assert card["claimed_by"] == "never fires on these tokens" and card["token_class"] == ""
+    assert card["specificity"] == 0.0 and card["sensitivity"] == 0.0 and card["ablation_positions"] == 0

@@ -14,6 +14,8 @@ import sys
 # Modules that define subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES = [
     "scripts.cmd_suite",
+    "scripts.cmd_toy",
+    "scripts.cmd_mnist",
     "scripts.cmd_dashboard",
     "scripts.cmd_trace",
 ]

@@ -1,0 +1,45 @@
+"""``circuits toy``: the Toy Models of Superposition experiments (issue 5); writes results.json and figures."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("toy", help="toy models of superposition: n=5/m=2, n=20/m=5, dimensionality, SAE on toy",
+                              description=__doc__)
+    p.add_argument("--out", type=Path, required=True, help="folder for results.json and the figures")
+    p.add_argument("--steps", type=int, default=10_000, help="training steps of every toy model (paper: 10,000)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--dim-features", type=int, default=200, help="n of the dimensionality sweep")
+    p.add_argument("--dim-hidden", type=int, default=20, help="m of the dimensionality sweep")
+    p.add_argument("--dim-instances", type=int, default=10, help="sparsities in the dimensionality sweep")
+    p.add_argument("--replicas", type=int, default=4, help="inits per sparsity of the n=5, m=2 sweep (the lowest-loss one is kept)")
+    p.add_argument("--sae-steps", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
+    p.add_argument("--no-png", action="store_true", help="write only the HTML figures")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from analysis.toy_experiments import ToySuiteConfig, run_toy_suite
+
+    torch.set_num_threads(args.threads)
+    cfg = ToySuiteConfig(steps=args.steps, batch_size=args.batch_size, dim_features=args.dim_features,
+                         dim_hidden=args.dim_hidden, dim_instances=args.dim_instances, five_two_replicas=args.replicas, sae_steps=args.sae_steps, seed=args.seed)
+    res = run_toy_suite(cfg, args.out, progress=not args.no_progress, png=not args.no_png)
+    f52, f205, dim, sae = res["five_two"]["checks"], res["twenty_five"]["checks"], res["dimensionality"]["checks"], res["sae_on_toy"]
+    print(f"n=5 m=2   dense: {f52['dense_represented']} represented (norms {f52['dense_top2_norms']}, cos {f52['dense_top2_cosine']});"
+          f" 1-S=0.05: {f52['sparse_represented']} represented, angular gaps {f52['sparse_angular_gaps_degrees']}")
+    print(f"n=20 m=5  dense max|W^T W - I_top5| = {f205['dense_WtW_max_abs_error_vs_top5_identity']}; represented by S: "
+          + ", ".join(f"{s:.3g}:{n}" for s, n in f205["represented_by_sparsity"]))
+    print("dimensionality  D* by S: " + ", ".join(f"{s:.3g}:{d:.3f}" for s, d in dim["D_star_by_sparsity"]))
+    print(f"SAE on toy  best cosine per feature {sae['best_cosine_per_true_feature']}  (ReLU+L1: "
+          f"{res['sae_on_toy_relu_l1']['best_cosine_per_true_feature']})")
+    print(f"wrote {args.out / 'results.json'}")
+    return 0

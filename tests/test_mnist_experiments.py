@@ -1,0 +1,184 @@
+"""MNIST pipeline on tiny synthetic IDX files written here (the real data is never needed): the IDX reader reads
+hand-written bytes back, the test-set-only split is seeded and disjoint, the pieces of Exp1-3 compute what they
+claim on hand-built inputs, and a few-step run of every experiment writes a complete results.json."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.mnist_data import load_mnist_idx, read_idx
+from analysis.mnist_experiments import MnistConfig, direction_clusters, key_features, run_mnist
+from analysis.mnist_models import HiddenAutoencoder, loss_shares
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_idx(path, array: np.ndarray, compress: bool = True) -> None:
+    """The IDX format written by hand: 0, 0, type 0x08 (ubyte), ndim, big-endian dims, then the bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def synthetic_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Ten random 28x28 templates, one per label, plus noise: learnable in a few epochs, and not MNIST."""
+    rng = np.random.default_rng(seed)
+    templates = (rng.random((10, 28, 28)) > 0.7) * 200
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = np.clip(templates[labels] + rng.normal(0, 30, (n, 28, 28)), 0, 255)
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture
+def test_set_only(tmp_path):
+    images, labels = synthetic_digits(300)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    return tmp_path, images, labels
+
+
+def test_idx_reader_reads_hand_written_bytes(tmp_path):
+    images, labels = synthetic_digits(7)
+    write_idx(tmp_path / "i.gz", images)
+    write_idx(tmp_path / "l", labels, compress=False)
+    np.testing.assert_array_equal(read_idx(tmp_path / "i.gz"), images)
+    np.testing.assert_array_equal(read_idx(tmp_path / "l"), labels)
+    assert read_idx(tmp_path / "i.gz").shape == (7, 28, 28)
+
+
+def test_idx_reader_rejects_bad_files(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "bad")
+    images, _ = synthetic_digits(3)
+    write_idx(tmp_path / "short", images, compress=False)
+    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-5])
+    with pytest.raises(ValueError, match="declares shape"):
+        read_idx(tmp_path / "short")
+
+
+def test_test_set_only_is_split_by_a_fixed_seed(test_set_only):
+    folder, images, labels = test_set_only
+    a, b = load_mnist_idx(folder, seed=0), load_mnist_idx(folder, seed=0)
+    assert (len(a.train_images), len(a.test_images)) == (240, 60)
+    torch.testing.assert_close(a.train_images, b.train_images)
+    assert "split by seed 0" in a.source["split"] and a.source["n_train"] == 240
+    # Disjoint and complete: every original image lands in exactly one part, with its own label.
+    everything = torch.cat([a.train_images, a.test_images])
+    all_labels = torch.cat([a.train_labels, a.test_labels])
+    flat = torch.from_numpy(images.reshape(300, 784).astype(np.float32) / 255)
+    match = (everything[:, None, :] == flat[None]).all(-1)
+    assert (match.sum(0) == 1).all() and (match.sum(1) == 1).all()
+    assert torch.equal(all_labels, torch.from_numpy(labels.astype(np.int64))[match.int().argmax(1)])
+    assert not torch.equal(load_mnist_idx(folder, seed=1).train_images, a.train_images)
+
+
+def test_standard_split_when_training_images_exist(test_set_only):
+    folder, _, _ = test_set_only
+    images, labels = synthetic_digits(50, seed=1)
+    write_idx(folder / "train-images-idx3-ubyte.gz", images)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", labels)
+    data = load_mnist_idx(folder)
+    assert (len(data.train_images), len(data.test_images)) == (50, 300)
+    assert data.source["split"].startswith("standard")
+
+
+def test_missing_folder_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="t10k-images"):
+        load_mnist_idx(tmp_path)
+
+
+def test_key_features_take_the_fewest_carrying_half_the_mass():
+    dist = torch.zeros(98)
+    dist[[3, 40, 7]] = torch.tensor([0.3, 0.25, 0.1])
+    dist[50:] = 0.35 / 48
+    assert key_features(dist) == [3, 40]  # 0.3 + 0.25 >= 0.5
+    flat = torch.full((98,), 1 / 98)
+    assert len(key_features(flat)) == 5  # never more than 5
+
+
+def test_loss_shares_are_zero_for_an_unused_feature_and_sum_to_one():
+    ae = HiddenAutoencoder(4, 2)
+    with torch.no_grad():
+        ae.W.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.7], [0.0, 1.0, 0.0, -0.7]]))
+        ae.b.zero_()
+    a = torch.rand(500, 4, generator=torch.Generator().manual_seed(0))
+    shares = loss_shares(ae, a)
+    assert float(shares.sum()) == pytest.approx(1.0)
+    assert float(shares[2]) == 0.0 and float(shares[0]) > 0.1
+
+
+def test_direction_clusters_count_distinct_directions():
+    arrows = torch.tensor([[1.0, 0.0], [0.9, 0.05], [-1.0, 0.0], [0.0, 0.05]])  # the last is too short to count
+    assert direction_clusters(arrows) == 2
+    assert direction_clusters(torch.zeros(3, 2)) == 0
+
+
+def tiny_config(**kw) -> MnistConfig:
+    base = dict(classifier_epochs=8, ae_epochs=3, ae_repeats_per_epoch=2, ae_batch_size=64, sae_steps=150,
+                sae_batch_size=64, decoder_epochs=2, exp2_sparsity=0.9)
+    base.update(kw)
+    return MnistConfig(**base)
+
+
+def test_every_experiment_writes_a_complete_results_json(test_set_only, tmp_path):
+    folder, _, _ = test_set_only
+    data = load_mnist_idx(folder)
+    out = tmp_path / "out"
+    run_mnist(data, tiny_config(), (1, 2, 3), out, progress=False, png=False)
+    res = json.loads((out / "results.json").read_text())
+    assert res["data"]["n_train"] == 240 and "split by seed" in res["data"]["split"]
+    assert res["classifier"]["test_accuracy"] > 0.9  # the synthetic digits are learnable: training works
+    for exp in ("exp1", "exp2"):
+        assert len(res[exp]["per_epoch"]) == 3
+        last = res[exp]["per_epoch"][-1]
+        assert len(last["arrows"]) == 49 and max(np.hypot(*zip(*last["arrows"]))) == pytest.approx(1.0, abs=1e-3)
+        assert sum(last["loss_shares"]) == pytest.approx(1.0, abs=1e-3)
+    assert res["exp2"]["sparsity"] == 0.9
+    e3 = res["exp3"]
+    assert 0 <= e3["sae"]["dead_fraction"] <= 1 and e3["sae"]["l0_test"] > 0
+    assert e3["accuracy_clean"] == pytest.approx(res["classifier"]["test_accuracy"])
+    assert len(e3["digits"]) == 10
+    for row in e3["digits"]:
+        assert 2 <= len(row["key_features"]) <= 5 and all(0 <= k < 98 for k in row["key_features"])
+        assert 0 <= row["predicted_from_image"] <= 9
+    assert e3["generated_read_as_intended_from_image"] == sum(r["predicted_from_image"] == r["digit"] for r in e3["digits"])
+    for name, files in res["figures"].items():
+        assert (out / files["html"]).stat().st_size > 100_000  # plotly.js is inline: the page works offline
+        assert files["png"] is None
+
+
+def test_cli_runs_one_experiment(test_set_only, tmp_path):
+    from scripts.cli import main
+
+    folder, _, _ = test_set_only
+    out = tmp_path / "cli"
+    rc = main(["mnist", "--mnist-dir", str(folder), "--exp", "1", "--out", str(out), "--no-png", "--no-progress",
+               "--classifier-epochs", "2", "--ae-epochs", "1", "--ae-repeats", "1"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["experiments_run"] == [1] and "exp1" in res and "exp3" not in res
+
+
+def test_cli_reports_a_missing_folder(tmp_path, capsys):
+    from scripts.cli import main
+
+    assert main(["mnist", "--mnist-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a folder" in capsys.readouterr().err

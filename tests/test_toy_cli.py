@@ -1,0 +1,55 @@
+"""``circuits toy`` end to end at toy sizes, and the figure writer (offline HTML; PNG through Chromium)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from analysis.figures_export import find_chromium, save_figure
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_torch_threads():
+    before = torch.get_num_threads()  # the command sets its own thread count
+    yield
+    torch.set_num_threads(before)
+
+
+def test_toy_command_writes_every_measured_quantity(tmp_path):
+    from scripts.cli import main
+
+    out = tmp_path / "toy"
+    rc = main(["toy", "--out", str(out), "--steps", "40", "--batch-size", "64", "--replicas", "1", "--dim-features", "12",
+               "--dim-hidden", "3", "--dim-instances", "3", "--sae-steps", "30", "--no-png", "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    five = res["five_two"]["instances"]
+    assert len(five) == 10 and five[0]["sparsity"] == 0.0 and five[-1]["sparsity"] == pytest.approx(0.95)
+    for row in five:
+        assert len(row["feature_norms"]) == 5 and row["n_represented"] == sum(n > 0.5 for n in row["feature_norms"])
+    assert len(res["twenty_five"]["instances"]) == 20
+    dims = res["dimensionality"]["instances"]
+    assert len(dims) == 3 and all(len(r["feature_dimensionality"]) == 12 for r in dims)
+    for key in ("sae_on_toy", "sae_on_toy_relu_l1"):
+        assert len(res[key]["best_cosine_per_true_feature"]) == 5
+    assert set(res["figures"]) == {"toy_five_two_arrangements", "toy_sae_directions", "toy_twenty_five_wtw",
+                                   "toy_twenty_five_norms", "toy_dimensionality"}
+    for files in res["figures"].values():
+        assert (out / files["html"]).is_file() and files["png"] is None
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(find_chromium() is None, reason="needs Debian's chromium for the PNG screenshot")
+def test_png_is_a_real_image_of_the_figure(tmp_path):
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Heatmap(z=[[0, 1], [1, 0]], colorscale="Greys"))
+    files = save_figure(fig, tmp_path / "fig", width=400, height=300)
+    data = files.png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (400, 300)
+    assert b"plotly" in files.html.read_bytes()[:2_000_000]  # plotly.js inline: works offline
+    assert len(data) > 2_000  # not a blank page

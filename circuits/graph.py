@@ -47,6 +47,7 @@ class Circuit:
     max_relative_residual: float
     nodes: list[dict[str, Any]]
     edges: list[dict[str, Any]]
+    n_layers: int = 0
     scores: dict[str, float] = field(default_factory=dict)
     faithfulness: list[dict[str, float]] = field(default_factory=list)
     qk: dict[str, Any] | None = None
@@ -85,7 +86,7 @@ class Circuit:
     def to_networkx(self) -> nx.DiGraph:
         g = nx.DiGraph(model=self.model, prompt=self.prompt, tokens=list(self.tokens), target=self.target,
                        target_value=self.target_value, threshold=self.threshold,
-                       max_relative_residual=self.max_relative_residual, **{f"score_{k}": v for k, v in self.scores.items()})
+                       max_relative_residual=self.max_relative_residual, n_layers=self.n_layers, **{f"score_{k}": v for k, v in self.scores.items()})
         for n in self.nodes:
             g.add_node(n["id"], **{k: v for k, v in n.items() if k != "id"})
         for e in self.edges:
@@ -124,9 +125,8 @@ def node_id(kind: str, layer: int, pos: int, feature: int) -> str:
 
 
 def _target_layer(lm: LinearisedModel, target) -> int:
-    if isinstance(target, LogitTarget):
-        return lm.n_layers
-    return int(getattr(target, "layer", lm.n_layers))
+    layer = int(getattr(target, "layer", -1))
+    return lm.n_layers if isinstance(target, LogitTarget) or layer < 0 else layer
 
 
 def build_circuit(lm: LinearisedModel, attribution: Attribution, prompt: str, model_name: str,
@@ -175,6 +175,7 @@ def build_circuit(lm: LinearisedModel, attribution: Attribution, prompt: str, mo
     return Circuit(
         model=model_name, prompt=prompt, tokens=strings, target=getattr(t, "spec", str(t)), target_value=float(a.reader_value[0]),
         threshold=a.threshold, max_relative_residual=a.max_relative_residual, nodes=nodes, edges=edges,
+        n_layers=lm.n_layers,
     )
 
 
@@ -221,7 +222,7 @@ def attribution_graph_json(circuit: Circuit, slug: str = "circuit") -> dict[str,
     Attention-SAE features are given the viewer's attention-feature type ``lorsa`` and ids prefixed ``A``;
     position embeddings are ``embedding`` nodes with ids ``P_pos_pos``. Non-logit targets keep their own type.
     """
-    n_layers = max((n["layer"] for n in circuit.nodes if n["kind"] != "target"), default=-1) + 1
+    n_layers = circuit.n_layers
     n_ctx = len(circuit.tokens)
     out_nodes, js_ids = [], {}
     for n in circuit.nodes:

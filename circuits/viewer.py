@@ -35,7 +35,7 @@ def _row(node: dict, n_layers: int) -> float:
 
 
 def layout(circuit: Circuit) -> dict[str, tuple[float, float]]:
-    n_layers = max((n["layer"] for n in circuit.nodes if n["kind"] != "target"), default=-1) + 1
+    n_layers = circuit.n_layers
     cells: dict[tuple[int, float], list[dict]] = {}
     for n in circuit.nodes:
         cells.setdefault((n["pos"], _row(n, n_layers)), []).append(n)
@@ -91,7 +91,7 @@ def figure(circuit: Circuit, max_edges: int = 1500):
                         line=dict(color="black", width=1)),
             hovertext=[_hover(n) for n in members], hoverinfo="text",
         ))
-    n_layers = max((n["layer"] for n in circuit.nodes if n["kind"] != "target"), default=-1) + 1
+    n_layers = circuit.n_layers
     rows = ["embed"] + [name for l in range(n_layers) for name in (f"attn{l}", f"mlp{l}")] + ["logits"]
     title = (f"{html.escape(circuit.model)}: why {html.escape(circuit.target)} = {circuit.target_value:.4g}"
              f" | {len(circuit.nodes)} nodes, {len(circuit.edges)} edges"

@@ -88,7 +88,7 @@ def vis_config(features: list[int]):
 def build_dictionary_dashboards(suite, dictionary: str, features: list[int], tokens: TokenSet,
                                 token_classes: dict[int, TokenClass | None] | None = None,
                                 texts: list[str] | None = None, progress: bool = False,
-                                with_scorecards: bool = True) -> DictionaryDashboards:
+                                with_scorecards: bool = True, ablation_rows: int = 8) -> DictionaryDashboards:
     """Steps 1 to 3 of the module docstring for one dictionary (step 3 only ``with_scorecards``)."""
     from sae_vis.data_fetching_fns import parse_feature_data
     from sae_vis.model_fns import to_resid_dir
@@ -130,7 +130,7 @@ def build_dictionary_dashboards(suite, dictionary: str, features: list[int], tok
         )
     texts = texts or vocab_texts(model.tokenizer, model.cfg.d_vocab)
     classes = token_classes or {}
-    cards = {f: scorecard(suite, fa, f, classes.get(f), tokens, texts) for f in features} if with_scorecards else {}
+    cards = {f: scorecard(suite, fa, f, classes.get(f), tokens, texts, ablation_rows=ablation_rows) for f in features} if with_scorecards else {}
     fa.kept.clear()  # the sae-vis data is built; free the largest tensors
     return DictionaryDashboards(dictionary, vis_data, fa, cards)
 
@@ -167,7 +167,7 @@ def write_feature_dashboards(suite, requests: dict[str, list[int]], out_dir: Pat
     return pages
 
 
-def _write_dashboards(suite, requests, out_dir: Path, tokens, n_tokens, token_classes, progress):
+def _write_dashboards(suite, requests, out_dir: Path, tokens, n_tokens, token_classes, progress, ablation_rows: int = 8):
     if not requests or not any(requests.values()):
         raise ValueError("no features requested; give at least one dictionary with feature indices")
     for name, feats in requests.items():
@@ -181,7 +181,8 @@ def _write_dashboards(suite, requests, out_dir: Path, tokens, n_tokens, token_cl
     for name, feats in requests.items():
         feats = list(dict.fromkeys(int(f) for f in feats))
         log.info("dashboards for %s: %d features over %d tokens", name, len(feats), tokens.n_tokens)
-        dd = build_dictionary_dashboards(suite, name, feats, tokens, {f: classes.get((name, f)) for f in feats}, texts, progress)
+        dd = build_dictionary_dashboards(suite, name, feats, tokens, {f: classes.get((name, f)) for f in feats}, texts, progress,
+                                         ablation_rows=ablation_rows)
         for f in feats:
             rel = page_name(name, f)
             (out_dir / rel).write_text(feature_page_html(dd, f, suite.name), encoding="utf-8")

@@ -29,6 +29,7 @@ from saes.dictionary import encode, spec_of
 log = logging.getLogger(__name__)
 
 FLOOR = 0.8  # the issue's floor for the default detectors on the mini suite
+ABLATION_ROWS = 32  # rows in which a detector's ablation is measured (dashboards use 8 to keep 64 pages quick)
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def write_detector_report(suite, classes=DEFAULT_CLASSES, out_dir: Path = Path("
         b = best[c.name]
         requests.setdefault(b.dictionary, []).append(b.feature)
         claims.setdefault((b.dictionary, b.feature), c)
-    pages, cards = _write_dashboards(suite, requests, out_dir, tokens, None, claims, progress)
+    pages, cards = _write_dashboards(suite, requests, out_dir, tokens, None, claims, progress, ablation_rows=ABLATION_ROWS)
     entries = []
     for c in classes:
         b = best[c.name]
@@ -147,7 +148,8 @@ def write_detector_report(suite, classes=DEFAULT_CLASSES, out_dir: Path = Path("
         if card["token_class"] != c.name:  # one feature is the best detector of two classes: score it for this one
             from analysis.dashboards import build_dictionary_dashboards
 
-            card = build_dictionary_dashboards(suite, b.dictionary, [b.feature], tokens, {b.feature: c}).scorecards[b.feature]
+            card = build_dictionary_dashboards(suite, b.dictionary, [b.feature], tokens, {b.feature: c},
+                                               ablation_rows=ABLATION_ROWS).scorecards[b.feature]
         entry = {k: card[k] for k in DETECTOR_KEYS}
         entry.update(dashboard=pages[(b.dictionary, b.feature)], max_neuron=card["max_neuron"],
                      ablation_delta_loss=card["ablation_delta_loss"], meets_floor=bool(min(card["specificity"], card["sensitivity"]) >= FLOOR))

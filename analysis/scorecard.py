@@ -311,7 +311,7 @@ def token_text(tokenizer, token_id: int) -> str:
 
 @torch.inference_mode()
 def ablation_delta_loss(suite, dictionary: str, feature: int, tokens: TokenSet, acts: Float[Tensor, "row pos"],
-                        clean_loss: Float[Tensor, "row pos_minus_1"], max_rows: int = 32, batch_rows: int = 16) -> tuple[float, int]:
+                        clean_loss: Float[Tensor, "row pos_minus_1"], max_rows: int = 16, batch_rows: int = 16) -> tuple[float, int]:
     """Mean change in next-token loss at the positions where the feature fires when ``act * W_dec[f]`` is taken
     out of the dictionary's output hook there (``clean_loss`` is the unmodified model's, from the same pass as
     ``acts``). Uses the first ``max_rows`` rows in which it fires. Returns (mean change, positions measured)."""
@@ -327,9 +327,11 @@ def ablation_delta_loss(suite, dictionary: str, feature: int, tokens: TokenSet, 
     w_dec = sae.W_dec[feature].detach()
     deltas = []
     for chunk in rows.split(batch_rows):
-        toks = tokens.rows[chunk].to(device)
-        a = acts[chunk].to(device=device, dtype=w_dec.dtype)
-        where = fires[chunk].to(device)
+        # Attention is causal: the loss up to the last firing position depends on no later token.
+        end = int(fires[chunk].nonzero()[:, 1].max()) + 2
+        toks = tokens.rows[chunk, :end].to(device)
+        a = acts[chunk, :end].to(device=device, dtype=w_dec.dtype)
+        where = fires[chunk, :end].to(device)
 
         def subtract(value: Tensor, hook) -> Tensor:
             delta = a[..., None] * w_dec  # [batch pos d_out]
@@ -339,7 +341,7 @@ def ablation_delta_loss(suite, dictionary: str, feature: int, tokens: TokenSet, 
 
         logits = model.run_with_hooks(toks, fwd_hooks=[(spec.hook_out, subtract)])
         ablated = next_token_loss(logits, toks).cpu()
-        deltas.append((ablated - clean_loss[chunk])[where[:, :-1].cpu()])
+        deltas.append((ablated - clean_loss[chunk, : end - 1])[where[:, :-1].cpu()])
     d = torch.cat(deltas)
     return float(d.mean()), int(d.numel())
 
@@ -367,7 +369,7 @@ def claimed_class(suite, acts: Float[Tensor, "row pos"], tokens: TokenSet, texts
 
 
 def scorecard(suite, fa: FeatureActivations, feature: int, token_class: TokenClass | None, tokens: TokenSet,
-              texts: list[str] | None = None, k_logits: int = 10) -> dict[str, Any]:
+              texts: list[str] | None = None, k_logits: int = 10, ablation_rows: int = 16) -> dict[str, Any]:
     """The scorecard of one feature of ``fa`` as a JSON-ready dict. Without a token class, the class is the
     token text that receives most of its activation (``claimed_by``: "top token")."""
     if fa.neuron_corr is None or fa.clean_loss is None:
@@ -387,7 +389,7 @@ def scorecard(suite, fa: FeatureActivations, feature: int, token_class: TokenCla
         scores = class_scores(body, class_mask(token_class, tokens, texts)[:, 1:])
     weights = decoder_logit_weights(suite, fa.dictionary, feature)
     corr, neuron = max_neuron(fa.neuron_corr[j], fa.d_mlp)
-    delta, n_ablated = ablation_delta_loss(suite, fa.dictionary, feature, tokens, acts, fa.clean_loss)
+    delta, n_ablated = ablation_delta_loss(suite, fa.dictionary, feature, tokens, acts, fa.clean_loss, max_rows=ablation_rows)
     return {
         "token_class": token_class.name if token_class else "", "token_class_rule": token_class.to_json() if token_class else None,
         "claimed_by": claimed_by,
@@ -398,7 +400,7 @@ def scorecard(suite, fa: FeatureActivations, feature: int, token_class: TokenCla
         "density": round(float((body > 0).double().mean()), 6),
         "max_neuron_corr": round(corr, 4), "max_neuron": neuron,
         "top_logits": top_logits(suite, weights, k_logits), "bottom_logits": top_logits(suite, weights, k_logits, largest=False),
-        "ablation_delta_loss": round(delta, 5), "ablation_positions": n_ablated,
+        "ablation_delta_loss": round(delta, 5), "ablation_positions": n_ablated, "ablation_rows": ablation_rows,
     }
 
 

@@ -36,11 +36,11 @@ def test_planted_detector_scores_one_and_one(planted):
     acts = fa.acts[..., 0]
     assert int(mask.sum()) == int(torch.isin(tokens.rows[:, 1:], torch.tensor(members)).sum()) > 10
     assert (acts[mask] > 1).all() and (acts[~mask] == 0).all()  # the wiring did what it says
-    card = scorecard(suite, fa, PLANTED_FEATURE, cls, tokens, texts)
+    card = scorecard(suite, fa, PLANTED_FEATURE, cls, tokens, texts, ablation_rows=len(tokens.rows))
     assert card["specificity"] == 1.0 and card["sensitivity"] == 1.0
     assert card["token_class"] == "import" and card["claimed_by"] == "given"
     assert card["n_class_tokens"] == int(mask.sum())
-    # Ablation is measured at every firing position that has a next token in its row.
+    # Ablation is measured at every firing position that has a next token in its row (all rows allowed here).
     assert card["ablation_positions"] == int(mask[:, :-1].sum())
     assert card["ablation_delta_loss"] != 0.0
     # Without a claim, the class is the feature's top token: the planted one.

@@ -5,16 +5,20 @@
 2. ``twenty_five``: n=20, m=5, importance 0.7^i, S from 0 to 0.999. Dense: W^T W is the identity on the top 5;
    the number of represented features grows with sparsity, the least important going into superposition
    first, in antipodal pairs.
-3. ``dimensionality``: n=200, m=20, uniform importance, a sparsity sweep: D* = m / ||W||_F^2 and each
-   feature's dimensionality, which stick at 1, 1/2 and other simple fractions.
+3. ``dimensionality``: n=200, m=20, uniform importance, 1 - S log-spaced from 1 to 0.05 (batch 256): D* =
+   m / ||W||_F^2 and each feature's dimensionality, which stick at 1, 1/2 and other simple fractions.
 4. ``sae_on_toy``: an SAE trained with ``saes.train`` on the hidden activations ``h = W x`` of the sparsest
-   n=5, m=2 model; its decoder rows should find the five feature directions (best cosine > 0.9 each).
+   n=5, m=2 model; its decoder rows should find the five feature directions (best cosine > 0.9 each). The default
+   is TopK with k=1: in a 2-D space a ReLU latent fires on a half-plane, i.e. on two or three of the five
+   pentagon directions at once, so a ReLU + L1 SAE lands between features (it is run too, for comparison).
+Every n=5, m=2 sparsity is trained from several initialisations at once and the lowest-loss one is kept: a 2-D
+model sometimes settles in a local minimum (four features in a square instead of the pentagon).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -193,7 +197,7 @@ def run_sae_on_toy(c: ToySuiteConfig, W: torch.Tensor, feature_probability: floa
     result = {
         "toy_model_sparsity": round(1 - feature_probability, 6),
         "d_sae": c.sae_latents,
-        "train": tcfg.__dict__,
+        "train": asdict(tcfg),
         "best_cosine_per_true_feature": best,
         "best_latent_per_true_feature": idx,
         "all_recovered_above_0.9": all(v > 0.9 for v in best),
@@ -214,7 +218,6 @@ def nearest_indices(values: list[float], targets: tuple[float, ...]) -> list[int
 def run_toy_suite(c: ToySuiteConfig, out_dir, progress: bool = True, png: bool = True) -> dict:
     """Run every toy experiment, write ``out_dir/results.json`` and the figures; returns the results."""
     import time
-    from dataclasses import asdict
     from pathlib import Path
 
     from analysis import toy_figures

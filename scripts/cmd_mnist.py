@@ -43,14 +43,15 @@ def run(args: argparse.Namespace) -> int:
     for exp in ("exp1", "exp2"):
         if exp in res:
             print(f"{exp} (S={res[exp]['sparsity']}): {res[exp]['final_n_represented']} of {res[exp]['n_live_features']} live "
-                  f"features represented (|W_j| > 0.5) after {len(res[exp]['per_epoch'])} epochs")
+                  f"features represented (|W_j| > 0.5), {res[exp]['final_n_directions']} distinct directions, participation ratio "
+                  f"{res[exp]['final_participation_ratio']} after {len(res[exp]['per_epoch'])} epochs")
     if "exp3" in res:
         e = res["exp3"]
         print(f"exp3 SAE: explained variance {e['sae']['explained_variance_test']}, L0 {e['sae']['l0_test']}, dead {e['sae']['dead_fraction']}; "
               f"accuracy clean {e['accuracy_clean']:.4f}, with SAE reconstruction {e['accuracy_with_sae_reconstruction']:.4f}")
-        print("digit  key features        read as")
+        print(f"{'digit':>5}  {'key features':<26}read as")
         for r in e["digits"]:
-            print(f"{r['digit']:>5}  {str(r['key_features']):<20}{r['predicted_from_image']}")
+            print(f"{r['digit']:>5}  {str(r['key_features']):<26}{r['predicted_from_image']}")
         print(f"generated images read as the intended digit: {e['generated_read_as_intended_from_image']}/10")
     print(f"wrote {args.out / 'results.json'}")
     return 0

@@ -307,3 +307,60 @@ def write_index(out_dir: Path, entries: list[dict[str, Any]], title: str) -> Pat
     path = Path(out_dir) / "index.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Circuit pages link to dashboards
+
+
+FEATURE_KINDS = {"attn_feature": "attn", "mlp_feature": "mlp"}
+
+
+def circuit_feature_requests(nodes: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """``{dictionary: [features]}`` for the feature nodes of a circuit (node-link dicts with ``kind``, ``layer``,
+    ``feature``), in order of first appearance."""
+    requests: dict[str, list[int]] = {}
+    for n in nodes:
+        if n.get("kind") in FEATURE_KINDS:
+            feats = requests.setdefault(f"{FEATURE_KINDS[n['kind']]}{n['layer']}", [])
+            if int(n["feature"]) not in feats:
+                feats.append(int(n["feature"]))
+    return requests
+
+
+def write_circuit_dashboards(suite, nodes: list[dict[str, Any]], out_dir: Path, subdir: str = "dashboards",
+                             tokens: TokenSet | None = None, n_tokens: int = DEFAULT_TOKENS, progress: bool = False) -> dict[str, str]:
+    """A dashboard for every feature node, in ``out_dir/subdir``; returns ``{node id: link relative to out_dir}``."""
+    requests = circuit_feature_requests(nodes)
+    if not requests:
+        return {}
+    pages = write_feature_dashboards(suite, requests, Path(out_dir) / subdir, tokens=tokens, n_tokens=n_tokens, progress=progress)
+    return {n["id"]: f"{subdir}/{pages[(FEATURE_KINDS[n['kind']] + str(n['layer']), int(n['feature']))]}"
+            for n in nodes if n.get("kind") in FEATURE_KINDS}
+
+
+def link_graph_page(page: Path, links: dict[str, str]) -> None:
+    """Make each node of a plotly circuit page (``circuits/viewer.py``, node id in bold at the top of its hover
+    text) open its dashboard when clicked, and list the links under the graph."""
+    page = Path(page)
+    text = page.read_text(encoding="utf-8")
+    if "</body>" not in text:
+        raise ValueError(f"{page} is not a full HTML page (no </body>); write it with full_html=True")
+    items = "".join(f"<li><a href='{html.escape(href)}' target='_blank'>{html.escape(nid)}</a></li>" for nid, href in links.items())
+    block = (
+        "<div id='feature-dashboards' style='font:13px sans-serif;margin:8px 16px'>"
+        f"<b>Feature dashboards</b> (click a feature node, or a link):<ul style='columns:4'>{items}</ul></div>\n"
+        "<script>\nwindow.addEventListener('load', function () {\n"
+        f"  const LINKS = {adapter.json_for_script(links)};\n"
+        "  const unescape = s => s.replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&quot;/g, '\"')\n"
+        "                          .replace(/&#x27;/g, \"'\").replace(/&#39;/g, \"'\").replace(/&amp;/g, '&');\n"
+        "  document.querySelectorAll('.plotly-graph-div').forEach(function (gd) {\n"
+        "    if (!gd.on) return;\n"
+        "    gd.on('plotly_click', function (ev) {\n"
+        "      const p = ev.points && ev.points[0];\n"
+        "      const m = /<b>(.*?)<\\/b>/.exec((p && (p.hovertext || p.text)) || '');\n"
+        "      const href = m && LINKS[unescape(m[1])];\n"
+        "      if (href) window.open(href, '_blank');\n"
+        "    });\n  });\n});\n</script>\n"
+    )
+    page.write_text(text.replace("</body>", block + "</body>", 1), encoding="utf-8")

@@ -140,3 +140,31 @@ def test_prompt_page_renders_with_panels(pages, tmp_path):
     assert dom.count("class=\"main-svg\"") >= 1
     counts = pixel_counts(png)
     assert counts["non_white"] > 0.02 * counts["total"] and counts["orange"] > 100, counts
+
+
+def test_circuit_nodes_link_to_their_dashboards(planted, tmp_path):
+    import plotly.graph_objects as go
+
+    from analysis.dashboards import circuit_feature_requests, link_graph_page, write_circuit_dashboards
+
+    suite, cls, tokens = planted
+    nodes = [
+        {"id": "mlp0:5@2", "kind": "mlp_feature", "layer": 0, "feature": 5},
+        {"id": "attn1:3@1", "kind": "attn_feature", "layer": 1, "feature": 3},
+        {"id": "mlp0:5@4", "kind": "mlp_feature", "layer": 0, "feature": 5},
+        {"id": "mlp0:err@4", "kind": "mlp_error", "layer": 0, "feature": -1},
+        {"id": "emb@0", "kind": "embed", "layer": -1, "feature": -1},
+    ]
+    assert circuit_feature_requests(nodes) == {"mlp0": [5], "attn1": [3]}
+    links = write_circuit_dashboards(suite, nodes, tmp_path, tokens=tokens)
+    assert links == {"mlp0:5@2": "dashboards/mlp0_f5.html", "attn1:3@1": "dashboards/attn1_f3.html", "mlp0:5@4": "dashboards/mlp0_f5.html"}
+    assert all((tmp_path / href).is_file() for href in links.values())
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="markers", hovertext=["<b>mlp0:5@2</b> (mlp_feature)", "<b>emb@0</b>"]))
+    page = tmp_path / "graph.html"
+    fig.write_html(str(page), include_plotlyjs=False, full_html=True)
+    link_graph_page(page, links)
+    text = page.read_text()
+    assert "plotly_click" in text and "href='dashboards/mlp0_f5.html'" in text and '"attn1:3@1": "dashboards/attn1_f3.html"' in text
+    with pytest.raises(ValueError, match="not a full HTML page"):
+        (tmp_path / "frag.html").write_text("<div></div>")
+        link_graph_page(tmp_path / "frag.html", links)

@@ -30,6 +30,12 @@ MODEL_CFG_FIELDS = (
 )
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
@@ -40,6 +46,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -62,6 +69,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -82,6 +90,10 @@ def read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
+# Buffers that legitimately hold -inf (TransformerLens's attention mask fill value).
+NONFINITE_BUFFERS = (".IGNORE",)
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
@@ -91,7 +103,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e}); the file is corrupt: rebuild or re-download it") from e
     for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not name.endswith(NONFINITE_BUFFERS) and not torch.isfinite(t).all():
             raise ValueError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is corrupt")
     return tensors
 
@@ -140,7 +152,9 @@ def model_config_dict(cfg) -> dict[str, Any]:
 def save_model(model, directory: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write a HookedTransformer as ``model.safetensors`` + ``cfg.json`` (plus ``extra`` keys in cfg.json)."""
     directory = Path(directory)
-    atomic_save_tensors(dict(model.state_dict()), directory / MODEL_WEIGHTS)
+    # Buffers (causal mask, IGNORE) are rebuilt by the constructor; only parameters are saved.
+    params = {k: v for k, v in model.state_dict().items() if not k.endswith((".IGNORE", ".mask"))}
+    atomic_save_tensors(params, directory / MODEL_WEIGHTS)
     atomic_write_json(directory / MODEL_CFG, {**model_config_dict(model.cfg), **(extra or {})})
     return directory
 

@@ -1,9 +1,119 @@
-"""The settings that built the shipped mini suite, and the routine that trains its dictionaries."""
+"""The settings that build the shipped mini suite, and the routines that train and evaluate its dictionaries.
+
+Dictionaries: TopK (k = 32, so L0 <= 32) with 1,024 features, AuxK against dead latents (Gao et al. 2024).
+All eight (an attention SAE on ``hook_z`` and a transcoder per layer) are trained together on one stream of
+model activations: one forward pass of the model feeds every dictionary's step.
+"""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
+import torch
+
+from saes.dictionary import DictionarySpec, build_dictionary
 from saes.lm import LMConfig
+from saes.train import DictionaryTrainer, TrainConfig
+
+log = logging.getLogger(__name__)
 
 LM = LMConfig(n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=512, d_vocab=4096, n_ctx=256,
               steps=1400, batch_size=16, lr=3e-3, weight_decay=0.05, warmup_steps=100, seed=0)
 EVAL_ROWS = 256
+D_SAE = 1024
+K = 32
+DICT_BATCH_ROWS = 16  # 4,096 tokens a step
+DICT_TRAIN = TrainConfig(steps=1200, lr=2e-3, warmup_steps=50, decay_fraction=0.3, aux_k=64, aux_coefficient=1 / 32,
+                         dead_after_tokens=100_000, seed=0)
+
+
+def suite_specs(model) -> dict[str, DictionarySpec]:
+    cfg = model.cfg
+    specs = {}
+    for layer in range(cfg.n_layers):
+        specs[f"attn{layer}"] = DictionarySpec.attn_sae(layer, cfg.n_heads * cfg.d_head, D_SAE, activation="topk", k=K,
+                                                        model_name=cfg.model_name)
+        specs[f"mlp{layer}"] = DictionarySpec.transcoder(layer, cfg.d_model, D_SAE, activation="topk", k=K,
+                                                         model_name=cfg.model_name)
+    return specs
+
+
+def train_suite_dictionaries(model, rows: torch.Tensor, out_dir: Path, device: str = "cpu", progress: bool = True,
+                             train_cfg: TrainConfig = DICT_TRAIN, checkpoint_every: int = 200) -> dict[str, list]:
+    """Train every dictionary of the suite on activations of ``model`` over ``rows``; resumable from ``out_dir``."""
+    from tqdm.auto import tqdm
+
+    from saes.corpus import iterate_batches
+    from saes.io import atomic_write_json, save_dictionary
+
+    out_dir = Path(out_dir)
+    specs = suite_specs(model)
+    trainers: dict[str, DictionaryTrainer] = {}
+    for i, (name, spec) in enumerate(specs.items()):
+        sae = build_dictionary(spec, seed=train_cfg.seed + i, device=device, context_size=model.cfg.n_ctx)
+        trainers[name] = DictionaryTrainer(sae, train_cfg)
+        if (out_dir / name / "trainer.json").is_file():
+            trainers[name].load_checkpoint(out_dir / name)
+    start = min(t.step_count for t in trainers.values())
+    if any(t.step_count != start for t in trainers.values()):
+        raise ValueError(f"{out_dir}: dictionary checkpoints are at different steps; delete the folder and retrain")
+    hooks = sorted({h for s in specs.values() for h in (s.hook_in, s.hook_out)})
+    batches = iterate_batches(rows, DICT_BATCH_ROWS, seed=train_cfg.seed + 1)
+    for _ in range(start):
+        next(batches)
+    history: dict[str, list] = {n: [] for n in specs}
+    bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress, desc="train dictionaries")
+    for step in range(start, train_cfg.steps):
+        batch = next(batches).to(device)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(batch, names_filter=lambda n: n in hooks)
+        for name, trainer in trainers.items():
+            spec = specs[name]
+            x_in = cache[spec.hook_in]
+            x_in = x_in.flatten(-2) if spec.hook_in.endswith("hook_z") else x_in
+            x_out = cache[spec.hook_out]
+            x_out = x_out.flatten(-2) if spec.hook_out.endswith("hook_z") else x_out
+            stats = trainer.step((x_in.reshape(-1, spec.d_in), x_out.reshape(-1, spec.d_out)))
+            if stats.step % 50 == 0:
+                history[name].append({"step": stats.step, "mse": stats.mse, "l0": stats.l0, "dead": stats.dead_fraction})
+        if (step + 1) % 50 == 0:
+            msg = " ".join(f"{n}:{h[-1]['mse']:.3f}/{h[-1]['dead']:.2f}" for n, h in history.items() if h)
+            log.info("step %d  normalised mse/dead  %s", step + 1, msg)
+        if (step + 1) % checkpoint_every == 0 or step + 1 == train_cfg.steps:
+            for name, trainer in trainers.items():
+                trainer.save_checkpoint(out_dir / name)
+        bar.update(1)
+    bar.close()
+    for name, trainer in trainers.items():
+        for p in trainer.params:
+            p.requires_grad_(False)
+        save_dictionary(trainer.sae, out_dir / name)
+    atomic_write_json(out_dir / "history.json", history)
+    return history
+
+
+def evaluate_suite_dir(directory: Path, device: str = "cpu", progress: bool = True) -> dict:
+    """The suite-eval report of a suite folder (the JSON that ``circuits suite-eval`` prints)."""
+    from saes.mini_suite import heldout_rows, load_mini
+
+    suite = load_mini(Path(directory), device=device)
+    return evaluate_suite(suite, heldout_rows(suite), progress=progress)
+
+
+def evaluate_suite(suite, rows: torch.Tensor, progress: bool = True, ce_rows: int = 128) -> dict:
+    from saes.lm import heldout_loss
+    from saes.metrics import evaluate_dictionaries
+
+    cfg = suite.model.cfg
+    metrics = evaluate_dictionaries(suite, rows, ce_rows=ce_rows, progress=progress)
+    return {
+        "model": {
+            "name": suite.name, "n_layers": cfg.n_layers, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
+            "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx,
+            "n_params": sum(p.numel() for p in suite.model.parameters()),
+            "heldout_loss": heldout_loss(suite.model, rows.to(suite.device)),
+            "heldout_tokens": int(rows.numel()),
+        },
+        "dictionaries": [m.to_json() for m in metrics],
+    }

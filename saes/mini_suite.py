@@ -30,3 +30,15 @@ def load_mini(directory: Path, device: str | torch.device = "cpu") -> Suite:
     if (directory / "metrics.json").is_file():
         info["metrics"] = read_json(directory / "metrics.json")
     return Suite(name=directory.name if directory.name != "mini" else "mini", model=model, attn_saes=attn, transcoders=mlp, info=info)
+
+
+def heldout_rows(suite, max_rows: int | None = None) -> torch.Tensor:
+    """The held-out files of the corpus (fixed rule, ``saes/corpus.py``) as rows of the suite's context."""
+    from saes.corpus import rows_from_stream, split_files, token_stream
+    from saes.tokenizer import EOT
+
+    tokenizer = suite.model.tokenizer
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    _, held = split_files()
+    rows = rows_from_stream(token_stream(tokenizer._tokenizer, held, eot), suite.model.cfg.n_ctx, eot)
+    return rows[:max_rows] if max_rows else rows

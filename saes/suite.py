@@ -74,7 +74,7 @@ class Suite:
         """Tokenise a prompt with BOS, refusing empty or too-long prompts with a clear error."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty; give some text to run the model on")
-        toks = self.model.to_tokens(prompt, prepend_bos=True)
+        toks = self.model.to_tokens(prompt, prepend_bos=True, truncate=False)
         limit = max_len or self.model.cfg.n_ctx
         if toks.shape[1] > limit:
             raise ValueError(f"the prompt is {toks.shape[1]} tokens with BOS, more than this model's context of {limit}; shorten it")

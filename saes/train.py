@@ -148,7 +148,9 @@ class DictionaryTrainer:
             raise ValueError(f"training batch {self.step_count} holds NaN or infinite activations; check the data source")
         if self.step_count == 0 and self.cfg.init_b_dec_from_data:
             with torch.no_grad():
+                # Start as if the input were centred: b_dec at the output mean, b_enc cancelling the input mean.
                 self.sae.b_dec.copy_(x_out.mean(0))
+                self.sae.b_enc.copy_(-(x_in.mean(0) @ self.sae.W_enc))
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step_count)
         loss, mse, acts, _ = self.loss(x_in, x_out)

@@ -1,0 +1,170 @@
+"""GPT-2 small with its published dictionaries, loaded the way their authors trained them.
+
+Weight processing: both dictionary sets were trained on ``HookedTransformer.from_pretrained("gpt2-small")``
+with TransformerLens's defaults (``fold_ln``, ``center_writing_weights``, ``center_unembed``,
+``fold_value_biases``: Kissane et al.'s attention SAEs via sae-lens's ``gpt2-small`` model, Dunefsky et al.'s
+transcoders via ``from_pretrained(model_name)`` in their runner). We load the model with exactly those flags,
+spelled out, so that ``hook_z`` (value biases folded into ``b_O``), ``ln2.hook_normalized`` (no LayerNorm
+weights) and ``hook_mlp_out`` (centred) hold what the dictionaries expect. Loading with ``fold_ln=False`` or
+``from_pretrained_no_processing`` silently gives wrong feature activations.
+
+1. Model: TransformerLens ``gpt2-small`` (Hugging Face ``gpt2``).
+2. Attention-output SAEs: sae-lens release ``gpt2-small-hook-z-kk``, ids ``blocks.L.hook_z`` (read and write
+   ``blocks.L.attn.hook_z``, heads concatenated, d_in 768; d_sae 24,576, or 49,152 at layers 5 and 7).
+   Converted to canonical form (``b_dec`` folded out of the encoder input).
+3. MLP transcoders: Hugging Face ``pchlenski/gpt2-transcoders``, files
+   ``final_sparse_autoencoder_gpt2-small_blocks.{L}.ln2.hook_normalized_24576.pt``: a ``torch.save`` pickle of
+   ``{"cfg": <config object>, "state_dict": {W_enc, b_enc, W_dec, b_dec, b_dec_out}}``. Read with torch's
+   weights-only unpickler and an allow-list (the config classes become inert records; no code from the file
+   runs; anything else in the file is refused), then converted to a sae-lens ``Transcoder``:
+   ``b_enc' = b_enc - b_dec @ W_enc`` (the input-side ``b_dec``) and ``b_dec' = b_dec_out``.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saes.dictionary import canonicalize
+
+log = logging.getLogger(__name__)
+
+GPT2_PROCESSING = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
+KK_RELEASE = "gpt2-small-hook-z-kk"
+TRANSCODER_REPO = "pchlenski/gpt2-transcoders"
+TRANSCODER_FILE = "final_sparse_autoencoder_gpt2-small_blocks.{layer}.ln2.hook_normalized_24576.pt"
+GPT2_LAYERS = 12
+# The configuration classes that the transcoder files pickle. They are rebuilt as inert records.
+ALLOWED_CONFIG_CLASSES = (
+    "sae_training.config.LanguageModelSAERunnerConfig",
+    "sae_training.config.RunnerConfig",
+    "sae_training.config.CacheActivationsRunnerConfig",
+)
+
+
+class PickledConfig:
+    """An inert stand-in for a pickled configuration object: it stores the attributes and runs nothing."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError("a pickled config must carry a plain dict of attributes")
+        self.__dict__.update(state)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _check_layer(layer: int) -> None:
+    if not isinstance(layer, int) or not 0 <= layer < GPT2_LAYERS:
+        raise ValueError(f"GPT-2 small has layers 0..{GPT2_LAYERS - 1}; got layer {layer!r}")
+
+
+def load_gpt2_small(device: str | torch.device = "cpu"):
+    """GPT-2 small in TransformerLens with the processing its dictionaries were trained under."""
+    from transformer_lens import HookedTransformer
+
+    return HookedTransformer.from_pretrained("gpt2-small", device=str(device), **GPT2_PROCESSING)
+
+
+def load_kk_attn_sae(layer: int, device: str | torch.device = "cpu"):
+    """Kissane et al.'s attention-output SAE for ``blocks.{layer}.attn.hook_z``, in canonical form."""
+    from sae_lens import SAE
+
+    _check_layer(layer)
+    sae = SAE.from_pretrained(KK_RELEASE, f"blocks.{layer}.hook_z", device=str(device))
+    canonicalize(sae)
+    meta = sae.cfg.metadata
+    meta.hook_name = f"blocks.{layer}.attn.hook_z"
+    meta.hook_name_out = f"blocks.{layer}.attn.hook_z"
+    meta.kind, meta.layer, meta.model_name = "attn_sae", layer, "gpt2-small"
+    for p in sae.parameters():
+        p.requires_grad_(False)
+    return sae
+
+
+def read_transcoder_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config as a dict, state dict) of a Dunefsky et al. transcoder file, without running pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing transcoder file {path}")
+    allowed = [(PickledConfig, name) for name in ALLOWED_CONFIG_CLASSES]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} was refused: it asks to run or build something outside the allow-list ({str(e).splitlines()[0]}). "
+            f"Only the transcoder config classes {list(ALLOWED_CONFIG_CLASSES)}, tensors and plain containers are "
+            f"accepted; re-download the file from {TRANSCODER_REPO} if it should be genuine"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not a readable torch.save file ({e}); the file is corrupt: re-download it") from None
+    if not isinstance(obj, dict) or "state_dict" not in obj:
+        raise ValueError(f"{path}: expected a dict with 'cfg' and 'state_dict' (Dunefsky et al.'s format), got {type(obj).__name__}")
+    cfg = obj.get("cfg")
+    cfg_dict = cfg.to_dict() if isinstance(cfg, PickledConfig) else dict(cfg or {})
+    return cfg_dict, obj["state_dict"]
+
+
+def transcoder_from_state_dict(state: dict[str, torch.Tensor], layer: int, model_name: str = "gpt2-small"):
+    """A canonical sae-lens ``Transcoder`` from a Dunefsky-format state dict, with its shapes checked."""
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    need = ("W_enc", "b_enc", "W_dec", "b_dec", "b_dec_out")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ValueError(f"transcoder state dict lacks {missing}; expected keys {list(need)}")
+    W_enc, b_enc, W_dec, b_dec, b_dec_out = (state[k].detach().float() for k in need)
+    if W_enc.ndim != 2 or W_dec.ndim != 2:
+        raise ValueError(f"W_enc and W_dec must be matrices; got {tuple(W_enc.shape)} and {tuple(W_dec.shape)}")
+    d_in, d_sae = W_enc.shape
+    if W_dec.shape[0] != d_sae or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
+        raise ValueError(
+            f"inconsistent transcoder shapes: W_enc {tuple(W_enc.shape)}, b_enc {tuple(b_enc.shape)}, W_dec {tuple(W_dec.shape)}, "
+            f"b_dec {tuple(b_dec.shape)} (need W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_dec [d_in])"
+        )
+    d_out = W_dec.shape[1]
+    if b_dec_out.shape != (d_out,):
+        raise ValueError(f"b_dec_out has shape {tuple(b_dec_out.shape)}, expected ({d_out},)")
+    for name, t in zip(need, (W_enc, b_enc, W_dec, b_dec, b_dec_out)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"transcoder tensor {name} holds NaN or infinite values; the file is corrupt")
+    meta = SAEMetadata(hook_name=f"blocks.{layer}.ln2.hook_normalized", hook_name_out=f"blocks.{layer}.hook_mlp_out",
+                       kind="transcoder", layer=layer, model_name=model_name, prepend_bos=True)
+    cfg = sae_lens.TranscoderConfig(d_in=d_in, d_sae=d_sae, d_out=d_out, apply_b_dec_to_input=False, metadata=meta)
+    tc = sae_lens.Transcoder(cfg)
+    with torch.no_grad():
+        tc.W_enc.copy_(W_enc)
+        tc.b_enc.copy_((b_enc.double() - b_dec.double() @ W_enc.double()).float())
+        tc.W_dec.copy_(W_dec)
+        tc.b_dec.copy_(b_dec_out)
+    for p in tc.parameters():
+        p.requires_grad_(False)
+    return tc
+
+
+def load_dunefsky_transcoder(layer: int, device: str | torch.device = "cpu"):
+    """Dunefsky et al.'s MLP transcoder of GPT-2 small at ``layer`` (from the hub, or its local cache)."""
+    from huggingface_hub import hf_hub_download
+
+    _check_layer(layer)
+    path = hf_hub_download(TRANSCODER_REPO, TRANSCODER_FILE.format(layer=layer))
+    _, state = read_transcoder_file(Path(path))
+    return transcoder_from_state_dict(state, layer).to(device)
+
+
+def load_gpt2_small_suite(device: str | torch.device = "cpu", layers: list[int] | None = None):
+    """GPT-2 small with the attention SAE and the transcoder of every layer (or of ``layers``)."""
+    from saes.suite import Suite
+
+    layers = list(range(GPT2_LAYERS)) if layers is None else layers
+    model = load_gpt2_small(device)
+    attn = {l: load_kk_attn_sae(l, device) for l in layers}
+    mlp = {l: load_dunefsky_transcoder(l, device) for l in layers}
+    return Suite(name="gpt2-small", model=model, attn_saes=attn, transcoders=mlp,
+                 info={"processing": GPT2_PROCESSING, "attn_release": KK_RELEASE, "transcoder_repo": TRANSCODER_REPO})

@@ -41,7 +41,7 @@ class ToySuiteConfig:
     twenty_five_min_probability: float = 0.001
     dim_features: int = 200
     dim_hidden: int = 20
-    dim_instances: int = 12
+    dim_instances: int = 10
     dim_min_probability: float = 0.05
     dim_batch_size: int = 256
     sae_latents: int = 10

@@ -45,14 +45,14 @@ class ToySuiteConfig:
     dim_min_probability: float = 0.05
     dim_batch_size: int = 256
     sae_latents: int = 10
-    sae_k: int | None = 1  # TopK with k=1 (None: ReLU + L1). See run_sae_on_toy for why.
+    sae_k: int | None = 1  # TopK with k=1 (None: ReLU + L1). The module docstring says why.
     sae_steps: int = 3000
     sae_l1_coefficient: float = 0.05
     seed: int = 0
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.five_two_instances, self.twenty_five_instances, self.dim_instances,
-               self.dim_batch_size, self.sae_latents, self.sae_steps) <= 0:
+               self.dim_batch_size, self.sae_latents, self.sae_steps, self.five_two_replicas) <= 0:
             raise ValueError("every step count, batch size, instance count and width must be positive")
         if self.sae_latents < 5:
             raise ValueError(f"the SAE must have at least 5 latents to recover 5 features, got {self.sae_latents}")

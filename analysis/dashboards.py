@@ -292,7 +292,9 @@ def write_index(out_dir: Path, entries: list[dict[str, Any]], title: str) -> Pat
         f"<td>{html.escape(str(e.get('token_class', '')))}</td>"
         f"<td><a href='{html.escape(e['href'])}'>{html.escape(e['dictionary'])} #{e['feature']}</a></td>"
         f"<td>{e['specificity']:.3f}</td><td>{e['sensitivity']:.3f}</td><td>{e['max_neuron_corr']:.3f}</td>"
+        f"<td>{e.get('ablation_delta_loss', float('nan')):+.4f}</td>"
         f"<td>{html.escape(', '.join(repr(t['token']) for t in e['top_logits'][:5]))}</td>"
+        f"<td>{html.escape(', '.join(repr(t['token']) for t in e['bottom_logits'][:5]))}</td>"
         "</tr>"
         for e in entries
     )
@@ -301,7 +303,7 @@ def write_index(out_dir: Path, entries: list[dict[str, Any]], title: str) -> Pat
         f"<title>{html.escape(title)}</title></head><body style='font:14px sans-serif'>"
         f"<h2>{html.escape(title)}</h2><table border='1' cellpadding='4' style='border-collapse:collapse'>"
         "<tr><th>token class</th><th>dashboard</th><th>specificity</th><th>sensitivity</th>"
-        "<th>max |corr| neuron</th><th>top logits</th></tr>"
+        "<th>max |corr| neuron</th><th>loss change ablated</th><th>top logits</th><th>bottom logits</th></tr>"
         f"{rows}</table></body></html>\n"
     )
     path = Path(out_dir) / "index.html"

@@ -94,18 +94,11 @@ class NodeIndex:
 
     def unit_writes(self, cols: Int[Tensor, "k"]) -> Float[Tensor, "k d_model"]:
         """``d_s`` of the given nodes (residual-stream directions of one unit of activation)."""
-        lm = self.lm
-        out = torch.zeros(len(cols), lm.cfg.d_model, dtype=lm.dtype, device=lm.device)
-        for i, g in enumerate(lm.groups):
+        out = torch.zeros(len(cols), self.lm.cfg.d_model, dtype=self.lm.dtype, device=self.lm.device)
+        for i, g in enumerate(self.lm.groups):
             sel = (self.group[cols] == i).nonzero()[:, 0]
-            if len(sel) == 0:
-                continue
-            c = cols[sel]
-            if g.is_feature:
-                w = lm.dictionary(g.kind, g.layer).W_dec[self.feature[c]]
-                out[sel] = w @ lm.W_O_flat(g.layer) if g.kind == "attn_feature" else w
-            else:
-                out[sel] = g.direction[self.pos[c], self.slot[c]]
+            if len(sel):
+                out[sel] = g.direction[self.pos[cols[sel]], self.slot[cols[sel]]]
         return out
 
     def feature_target(self, col: int) -> FeatureTarget:

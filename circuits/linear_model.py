@@ -20,7 +20,8 @@ for attention-SAE nodes):
    layer L stages ``< 2L+2``, the unembedding all ``2 n_layers + 1`` stages.
 
 Each node group is stored padded by position (``[pos, m]``, ``m`` the most active features at one position)
-so that batched contractions never materialise a ``[batch, nodes, d_model]`` tensor.
+so that batched contractions never materialise a ``[batch, nodes, d_model]`` tensor. The write directions
+``d_s`` (decoder rows, through ``W_O`` for attention features) are gathered once, at construction.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class NodeGroup:
     activation: Float[Tensor, "pos m"]  # 0 at padding
     mask: Bool[Tensor, "pos m"]
     clean_pre: Float[Tensor, "pos m"]  # the clean pre-activation (features only; equals the activation)
-    direction: Float[Tensor, "pos m d_model"] | None = None  # unit writes of non-feature nodes
+    direction: Float[Tensor, "pos m d_model"]  # d_s: the residual write of one unit of activation
 
     @property
     def is_feature(self) -> bool:
@@ -155,7 +156,8 @@ class LinearisedModel:
                 pre = pre_activation(sae, z)
                 acts = encode(sae, z)
                 feature, act, mask, clean_pre = _pad_active(acts, pre)
-                self.groups.append(NodeGroup("attn_feature", layer, attn_stage(layer), feature, act, mask, clean_pre))
+                direction = sae.W_dec[feature.clamp(min=0)] @ self.W_O_flat(layer) * mask[..., None]
+                self.groups.append(NodeGroup("attn_feature", layer, attn_stage(layer), feature, act, mask, clean_pre, direction))
                 error_z = z - (acts @ sae.W_dec + sae.b_dec)
                 self.groups.append(_vector_group("attn_error", layer, attn_stage(layer), error_z @ self.W_O_flat(layer)))
 
@@ -164,7 +166,8 @@ class LinearisedModel:
                 pre = pre_activation(tc, x)
                 acts = encode(tc, x)
                 feature, act, mask, clean_pre = _pad_active(acts, pre)
-                self.groups.append(NodeGroup("mlp_feature", layer, mlp_stage(layer), feature, act, mask, clean_pre))
+                direction = tc.W_dec[feature.clamp(min=0)] * mask[..., None]
+                self.groups.append(NodeGroup("mlp_feature", layer, mlp_stage(layer), feature, act, mask, clean_pre, direction))
                 error = c[f"blocks.{layer}.hook_mlp_out"] - (acts @ tc.W_dec + tc.b_dec)
                 self.groups.append(_vector_group("mlp_error", layer, mlp_stage(layer), error))
         log.info("linearised model: %d positions, %d nodes", self.n_pos, sum(g.n_nodes for g in self.groups))
@@ -194,22 +197,11 @@ class LinearisedModel:
     # ------------------------------------------------------------------ node writes
     def unit_dots(self, group: NodeGroup, g: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos m"]:
         """``d_s . g[pos_s]`` for every node of the group: the direct effect per unit of activation."""
-        if not group.is_feature:
-            return einsum(g, group.direction, "b p d, p m d -> b p m")
-        sae = self.dictionary(group.kind, group.layer)
-        dec = sae.W_dec[group.feature.clamp(min=0)]  # [pos, m, d_out]
-        if group.kind == "attn_feature":
-            g = g @ self.W_O_flat(group.layer).T  # pull the reading vector back through W_O into hook_z space
-        return einsum(g, dec, "b p d, p m d -> b p m") * group.mask
+        return einsum(g, group.direction, "b p d, p m d -> b p m")
 
     def write(self, group: NodeGroup, act: Float[Tensor, "batch pos m"]) -> Float[Tensor, "batch pos d_model"]:
-        """The residual write of the group for activations ``act`` (masked to the group's nodes)."""
-        act = act * group.mask
-        if not group.is_feature:
-            return einsum(act, group.direction, "b p m, p m d -> b p d")
-        sae = self.dictionary(group.kind, group.layer)
-        out = einsum(act, sae.W_dec[group.feature.clamp(min=0)], "b p m, p m d -> b p d")
-        return out @ self.W_O_flat(group.layer) if group.kind == "attn_feature" else out
+        """The residual write of the group for activations ``act`` (padding has a zero direction)."""
+        return einsum(act, group.direction, "b p m, p m d -> b p d")
 
     # ------------------------------------------------------------------ readers (affine in the residual)
     def ln(self, resid: Float[Tensor, "batch pos d_model"], scale: Float[Tensor, "pos"]) -> Float[Tensor, "batch pos d_model"]:

@@ -1,0 +1,272 @@
+"""Benchmark of attribution: time, peak memory, FLOPs and achieved rate, batched against one pass per target.
+
+    python -m scripts.bench_attribution [--suites mini gpt2-shapes] [--lengths 32 128] [--targets 16 256] [--full]
+
+1. Measure the machine's matrix-multiply peak (float32 square matmuls) as the yardstick for the rate.
+2. For each suite (the embedded ``mini`` when it is built; ``gpt2-shapes``: GPT-2 small's shapes with random
+   weights processed like GPT-2 and 24576-feature dictionaries whose encoder biases are set so that about 20
+   to 60 features fire per position) and each prompt length:
+   a. direct-effect rows for N readers (active features of the last layers): batched (one backward pass per
+      ``--batch-size`` readers) and, in the same run at the shortest prompt, one backward pass per reader;
+   b. hierarchical attribution of the deepest layer's most active transcoder feature at a few thresholds
+      (time against kept nodes, to see that the cost grows about linearly with them).
+3. FLOPs are counted by ``torch.utils.flop_counter`` (matrix products and einsums, forward and backward) on a
+   separate, untimed run (for one pass per target: on 32 targets, scaled); the time is the best of up to three
+   runs (one when it takes over 2 s); peak memory is the process's resident memory sampled every 2 ms above its
+   level just before the run (glibc's mmap threshold is fixed so that freed tensors leave the resident set).
+   The table is printed (and written as JSON with ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Resident memory sampled in a background thread; ``peak`` is the most seen above the starting level."""
+
+    def __enter__(self):
+        self.start, self.peak, self._stop = rss_bytes(), 0, False
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop:
+            self.peak = max(self.peak, rss_bytes() - self.start)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes() - self.start)
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def measure(fn, quick: float = 2.0, reps: int = 3) -> tuple[float, int]:
+    """Best wall time of up to ``reps`` calls (one call when it takes longer than ``quick`` seconds), peak memory."""
+    best, peak = float("inf"), 0
+    for _ in range(reps):
+        with PeakMemory() as mem:
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        peak = max(peak, mem.peak)
+        if best > quick:
+            break
+    return best, peak
+
+
+def gpt2_shaped_suite(d_sae: int = 24576, fire: int = 40, seed: int = 0, sharpen: float = 30.0):
+    """GPT-2 small's shapes, random weights processed like GPT-2, sparse random dictionaries (see docstring)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from saes.dictionary import DictionarySpec, build_dictionary
+    from saes.lm import process_weights
+    from saes.suite import Suite
+
+    torch.manual_seed(seed)
+    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257,
+                                  act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
+                                  model_name="gpt2-shapes", original_architecture="GPT2LMHeadModel", seed=seed)
+    model = HookedTransformer(cfg, move_to_device=False)
+    with torch.no_grad():
+        # Sharpen the random attention (GPT-2's heads attend to few tokens; near-uniform random patterns would
+        # shrink hook_z with position, and no single encoder bias could then keep the sparsity in range).
+        for block in model.blocks:
+            block.attn.W_Q.mul_(sharpen)
+    process_weights(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # One random encoder/decoder pair per dictionary kind, shared by every layer (the cost is the same as 24
+    # distinct ones; the memory is not: 24 x 151 MB would not fit on a small machine). Biases are per layer.
+    attn, mlp = {}, {}
+    for kind, store in (("attn_sae", attn), ("transcoder", mlp)):
+        make_spec = DictionarySpec.attn_sae if kind == "attn_sae" else DictionarySpec.transcoder
+        shared = build_dictionary(make_spec(0, 768, d_sae), seed=seed)
+        for p in shared.parameters():
+            p.requires_grad_(False)
+        for layer in range(cfg.n_layers):
+            spec = make_spec(layer, 768, d_sae)
+            sae = copy.copy(shared)
+            sae._parameters = dict(shared._parameters)  # W_enc, W_dec shared; biases replaced below
+            sae.b_enc = torch.nn.Parameter(shared.b_enc.clone(), requires_grad=False)
+            sae.cfg = copy.deepcopy(shared.cfg)
+            sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_name_out = spec.hook_in, spec.hook_out
+            sae.cfg.metadata.layer = layer
+            store[layer] = sae
+    suite = Suite(name="gpt2-shapes", model=model, attn_saes=attn, transcoders=mlp)
+    calibrate_sparsity(suite, fire, seed)
+    return suite
+
+
+@torch.no_grad()
+def calibrate_sparsity(suite, fire: int, seed: int, n_tokens: int = 128) -> None:
+    """Set each dictionary's encoder bias to one constant so that about ``fire`` features are active per position."""
+    from saes.suite import flatten_z
+
+    tokens = torch.randint(0, suite.model.cfg.d_vocab, (1, n_tokens), generator=torch.Generator().manual_seed(seed))
+    _, cache = suite.model.run_with_cache(tokens)
+    for layer in range(suite.n_layers):
+        for sae, x in ((suite.attn_saes[layer], flatten_z(cache[f"blocks.{layer}.attn.hook_z"][0])),
+                       (suite.transcoders[layer], cache[f"blocks.{layer}.ln2.hook_normalized"][0])):
+            pre = x @ sae.W_enc
+            tau = pre.topk(fire, dim=-1).values[:, -1].median()
+            sae.b_enc.data = torch.full_like(sae.b_enc, -float(tau))
+
+
+def readers_for(lm, n: int, seed: int = 0):
+    """N feature readers: active features of the last two layers at random positions (mixed attn and MLP)."""
+    from circuits.targets import FeatureTarget
+
+    pool = []
+    for layer in range(max(0, lm.n_layers - 2), lm.n_layers):
+        for kind in ("attn_feature", "mlp_feature"):
+            g = lm.feature_group(kind, layer)
+            pos, slot = g.mask.nonzero(as_tuple=True)
+            pool += [FeatureTarget(kind, layer, int(g.feature[p, s]), int(p)) for p, s in zip(pos, slot)]
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    return [pool[int(i)] for i in order[:n]]
+
+
+def direct_rows(lm, index, readers, batch_size):
+    from circuits.attribution import direct_effects, reading_vectors
+
+    with torch.no_grad():
+        for start in range(0, len(readers), batch_size):
+            direct_effects(lm, index, reading_vectors(lm, readers[start : start + batch_size]))
+
+
+def run(args) -> list[dict]:
+    from circuits.attribution import NodeIndex, attribute
+    from circuits.linear_model import LinearisedModel
+    from circuits.trace import default_target
+
+    peak = matmul_peak()
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    rows: list[dict] = []
+    header = f"{'suite':<12}{'pos':>5}{'nodes':>8}  {'what':<34}{'targets':>8}{'time s':>9}{'peak MB':>9}{'GFLOP':>9}{'GFLOP/s':>9}{'% peak':>7}"
+    print(header)
+    print("-" * len(header))
+
+    def report(row):
+        rows.append(row)
+        rate = row["flops"] / row["seconds"] if row["seconds"] > 0 else float("nan")
+        row["rate"] = rate
+        print(f"{row['suite']:<12}{row['pos']:>5}{row['nodes']:>8}  {row['what']:<34}{row['targets']:>8}{row['seconds']:>9.3f}"
+              f"{row['peak_bytes'] / 2**20:>9.1f}{row['flops'] / 1e9:>9.2f}{rate / 1e9:>9.2f}{100 * rate / peak:>7.1f}", flush=True)
+
+    for name in args.suites:
+        if name == "mini":
+            from saes.suite import MINI_DIR, load_suite
+
+            if not (MINI_DIR / "cfg.json").is_file():
+                print(f"# skipping mini: {MINI_DIR}/cfg.json does not exist yet (build it with scripts/build_mini.py)")
+                continue
+            suite = load_suite("mini")
+            vocab = suite.model.cfg.d_vocab
+        else:
+            suite = gpt2_shaped_suite(fire=args.fire)
+            vocab = suite.model.cfg.d_vocab
+        for p in suite.model.parameters():
+            p.requires_grad_(False)
+        for length in args.lengths:
+            tokens = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length))
+            lm = LinearisedModel(suite, tokens)
+            index = NodeIndex(lm)
+            counts = torch.cat([g.mask.sum(-1)[1:] for g in lm.groups if g.is_feature]).float()  # BOS aside
+            lo, med, hi = (float(counts.quantile(q)) for q in (0.05, 0.5, 0.95))
+            print(f"# {name} pos={length}: {index.n} nodes; active features per position and dictionary: "
+                  f"median {med:.0f}, 5-95% {lo:.0f}-{hi:.0f}")
+            for n in args.targets:
+                readers = readers_for(lm, n)
+                base = dict(suite=name, pos=length, nodes=index.n, targets=len(readers))
+                flops = count_flops(lambda: direct_rows(lm, index, readers, args.batch_size))
+                t, m = measure(lambda: direct_rows(lm, index, readers, args.batch_size))
+                report({**base, "what": f"direct rows, batched ({args.batch_size}/pass)", "seconds": t, "peak_bytes": m, "flops": flops})
+                if length == min(args.lengths) or args.full:
+                    # FLOPs of one pass per target: counted on the first 32 readers, scaled to all of them
+                    # (counting them all would double a run that is slow by design).
+                    sample = readers[:32]
+                    flops1 = count_flops(lambda: direct_rows(lm, index, sample, 1)) * len(readers) / len(sample)
+                    t1, m1 = measure(lambda: direct_rows(lm, index, readers, 1))
+                    report({**base, "what": "direct rows, one pass per target", "seconds": t1, "peak_bytes": m1, "flops": flops1,
+                            "speedup_batched": t1 / t})
+                    print(f"#   batched is {t1 / t:.1f}x faster than one pass per target at {len(readers)} targets")
+            target = default_target(lm)
+            for threshold in args.thresholds:
+                holder = {}
+
+                def full():
+                    holder["a"] = attribute(lm, target, threshold=threshold, batch_size=args.batch_size, progress=False)
+
+                flops = count_flops(full)
+                t, m = measure(full)
+                a = holder["a"]
+                report(dict(suite=name, pos=length, nodes=index.n, targets=len(a.reader_cols),
+                            what=f"attribute thr={threshold:g}: {int(a.hierarchy.kept.sum())} kept",
+                            seconds=t, peak_bytes=m, flops=flops, kept=int(a.hierarchy.kept.sum()), edges=len(a.edge_weight),
+                            max_relative_residual=a.max_relative_residual))
+            del lm, index
+        del suite
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--suites", nargs="+", default=["mini", "gpt2-shapes"], choices=["mini", "gpt2-shapes"])
+    p.add_argument("--lengths", nargs="+", type=int, default=[32, 128])
+    p.add_argument("--targets", nargs="+", type=int, default=[16, 256])
+    p.add_argument("--thresholds", nargs="+", type=float, default=[0.05, 0.02])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--fire", type=int, default=40, help="features active per position in the gpt2-shapes dictionaries")
+    p.add_argument("--full", action="store_true", help="time one pass per target at every prompt length, not only the shortest")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # A fixed mmap threshold makes glibc hand large freed tensors back to the OS, so that resident memory
+        # follows live memory and the sampled peak means something; re-run this process with it set.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        os.execve(sys.executable, [sys.executable, "-m", "scripts.bench_attribution", *(argv if argv is not None else sys.argv[1:])], env)
+    rows = run(args)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -52,6 +52,8 @@ def child(args: argparse.Namespace) -> None:
     from saes.suite import load_suite
 
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     suite = load_suite(args.model, path=args.suite_dir)
     tokens = corpus_token_set(suite.model, args.tokens)
     feats = list(range(args.features))
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--features", type=int, default=64, help="features 0..N-1 of each dictionary")
     p.add_argument("--tokens", type=int, default=200_000)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads in each child (0: torch's default)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dictionary", help=argparse.SUPPRESS)
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         for d in args.dictionaries:
             for mode in args.modes:
                 cmd = [sys.executable, "-m", "scripts.bench_dashboards", "--child", "--model", args.model, "--dictionary", d,
-                       "--mode", mode, "--features", str(args.features), "--tokens", str(args.tokens), "--workdir", work]
+                       "--mode", mode, "--features", str(args.features), "--tokens", str(args.tokens), "--workdir", work,
+                       "--threads", str(args.threads)]
                 if args.suite_dir:
                     cmd += ["--suite-dir", str(args.suite_dir)]
                 res = subprocess.run(cmd, capture_output=True, text=True)

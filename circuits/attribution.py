@@ -58,6 +58,7 @@ class NodeIndex:
         self.lm = lm
         parts: dict[str, list[Tensor]] = {k: [] for k in ("group", "pos", "slot", "feature", "activation", "stage", "clean_pre")}
         self.flat: list[Tensor] = []  # per group: indices into its flattened [pos * m] layout
+        table_flat: list[Tensor] = []  # per group: indices into the flattened [pos * slots] node table
         self.offsets: list[int] = []
         n = 0
         for i, g in enumerate(lm.groups):
@@ -66,6 +67,7 @@ class NodeIndex:
             self.offsets.append(n)
             n += len(flat)
             m = max(g.width, 1)
+            table_flat.append((flat // m) * lm.table_direction.shape[1] + lm.table_offset[i] + flat % m)
             parts["group"].append(torch.full_like(flat, i))
             parts["pos"].append(flat // m)
             parts["slot"].append(flat % m)
@@ -74,6 +76,7 @@ class NodeIndex:
             parts["stage"].append(torch.full_like(flat, g.stage))
             parts["clean_pre"].append(g.clean_pre.flatten()[flat])
         self.n = n
+        self.table_flat: Int[Tensor, "n"] = torch.cat(table_flat) if table_flat else torch.zeros(0, dtype=torch.long)
         cat = {k: torch.cat(v) if v else torch.zeros(0) for k, v in parts.items()}
         self.group: Int[Tensor, "n"] = cat["group"]
         self.pos: Int[Tensor, "n"] = cat["pos"]
@@ -127,14 +130,21 @@ def reading_vectors(lm: LinearisedModel, targets: list[Target]) -> ReadingVector
 
 
 def direct_effects(lm: LinearisedModel, index: NodeIndex, rv: ReadingVectors) -> Float[Tensor, "batch n"]:
-    """Row b of A: the direct effect of every node on reader b (zero for nodes it cannot see)."""
+    """Row b of A: the direct effect of every node on reader b (zero for nodes it cannot see).
+
+    One batched product over the whole node table (``LinearisedModel.table_dots``), then each row keeps the
+    nodes of stages its reader sees.
+    """
+    limit = int(rv.stage.max())
+    dots = lm.table_dots(rv.g, limit)  # [batch, pos, slots below limit]
+    n_slots = dots.shape[2]
+    dots = dots * (lm.table_stage[:n_slots][None, None, :] < rv.stage[:, None, None])
+    total = lm.table_direction.shape[1]
+    keep = index.stage < limit  # nodes in the computed prefix of the table
     out = torch.zeros(rv.g.shape[0], index.n, dtype=lm.dtype, device=lm.device)
-    for i, group in enumerate(lm.groups):
-        if group.n_nodes == 0 or group.stage >= int(rv.stage.max()):
-            continue
-        dots = lm.unit_dots(group, rv.g) * group.activation  # [batch, pos, m]
-        vals = dots.flatten(1)[:, index.flat[i]]
-        out[:, index.columns(i)] = vals * (group.stage < rv.stage)[:, None]
+    flat = index.table_flat[keep]
+    pos, slot = flat // total, flat % total
+    out[:, keep] = dots[:, pos, slot]
     return out
 
 

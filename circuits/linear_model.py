@@ -139,6 +139,7 @@ class LinearisedModel:
         self.scale_final = c["ln_final.hook_scale"][:, 0]
         self.groups: list[NodeGroup] = []
         self._build_groups()
+        self._build_table()
         self._const_writes = self._constant_writes()
 
     # ------------------------------------------------------------------ construction
@@ -171,6 +172,31 @@ class LinearisedModel:
                 error = c[f"blocks.{layer}.hook_mlp_out"] - (acts @ tc.W_dec + tc.b_dec)
                 self.groups.append(_vector_group("mlp_error", layer, mlp_stage(layer), error))
         log.info("linearised model: %d positions, %d nodes", self.n_pos, sum(g.n_nodes for g in self.groups))
+
+    def _build_table(self) -> None:
+        """Concatenate every group's slots, in stage order, into one node table (groups keep views into it).
+
+        Direct effects of every node on a batch of readers are then one batched matrix product over positions,
+        ``[batch, d_model] x [d_model, all slots]`` at each position, instead of one small product per group.
+        """
+        self.table_direction = torch.cat([g.direction for g in self.groups], dim=1)  # [pos, slots, d_model]
+        self.table_activation = torch.cat([g.activation for g in self.groups], dim=1)  # [pos, slots]
+        self.table_offset: list[int] = []
+        stages, start = [], 0
+        for g in self.groups:
+            self.table_offset.append(start)
+            g.direction = self.table_direction[:, start : start + g.width]
+            g.activation = self.table_activation[:, start : start + g.width]
+            stages.append(torch.full((g.width,), g.stage, dtype=torch.long, device=self.device))
+            start += g.width
+        self.table_stage = torch.cat(stages)  # [slots], non-decreasing
+        if not torch.all(self.table_stage[1:] >= self.table_stage[:-1]):
+            raise AssertionError("groups must be built in stage order")
+
+    def table_dots(self, g: Float[Tensor, "batch pos d_model"], stage_limit: int) -> Float[Tensor, "batch pos slots"]:
+        """``a_s d_s . g[pos_s]`` for every table slot of a stage below ``stage_limit`` (a prefix of the table)."""
+        n = int((self.table_stage < stage_limit).sum())
+        return einsum(g, self.table_direction[:, :n], "b p d, p m d -> b p m") * self.table_activation[:, :n]
 
     def _constant_writes(self) -> Float[Tensor, "stage d_model"]:
         """The bias each stage writes into the residual stream (the same at every position)."""

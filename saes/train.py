@@ -172,7 +172,7 @@ class DictionaryTrainer:
             self.resample_dead(x_in, x_out)
         l0 = float((acts > 0).float().sum(-1).mean())
         dead = float((self.since_fired >= c.dead_after_tokens).float().mean())
-        return StepStats(self.step_count, float(loss), float(mse), l0, dead)
+        return StepStats(self.step_count, float(loss.detach()), float(mse.detach()), l0, dead)
 
     def _remove_parallel_decoder_grad(self) -> None:
         # With unit-norm decoder rows, the radial part of the gradient only fights the renormalisation.

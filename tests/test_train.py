@@ -35,7 +35,7 @@ def test_planted_features_are_recovered(activation, k):
     dirs, batches = planted_data()
     spec = DictionarySpec("sae", 0, 16, 64, 16, "x", "x", activation=activation, k=k)
     sae = build_dictionary(spec, seed=0)
-    cfg = TrainConfig(steps=1500, lr=3e-3, warmup_steps=20, l1_coefficient=3e-3, aux_k=8, dead_after_tokens=20_000,
+    cfg = TrainConfig(steps=1500, lr=3e-3, warmup_steps=20, l1_coefficient=0.3, aux_k=8, dead_after_tokens=20_000,
                       resample_every=250 if activation == "relu" else None, seed=0)
     result = train_dictionary(sae, batches(), cfg, progress=False)
     assert result.history[-1].mse < 0.5 * result.history[0].mse

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-from einops import einsum
+from einops import einsum, rearrange
 from jaxtyping import Float
 from torch import Tensor
 
@@ -221,12 +221,29 @@ def read_targets(lm: "LinearisedModel", targets: Sequence[Target],
     for (kind, layer, head), rows in groups.items():
         rows_t = torch.tensor(rows, device=resid.device)
         sae = lm.dictionary(kind, layer)
-        x = lm.dictionary_input(kind, layer, resid[rows_t], head)  # [rows, pos, d_in]
         pos = torch.tensor([targets[b].pos for b in rows], device=resid.device)
         feat = torch.tensor([targets[b].feature for b in rows], device=resid.device)
-        x_at = x[torch.arange(len(rows), device=resid.device), pos]
+        w = rearrange(sae.W_enc[:, feat], "i r -> r i")  # each row's encoder direction
         bias = sae.b_enc[feat] if head is None else torch.zeros_like(sae.b_enc[feat])  # b_enc belongs to no head
-        vals = einsum(x_at, sae.W_enc[:, feat], "r i, i r -> r") + bias
+        r = resid[rows_t]
+        if kind == "mlp_feature":
+            x = r[torch.arange(len(rows), device=resid.device), pos]
+            x = (x - x.mean(-1, keepdim=True)) / lm.scale_ln2[layer][pos][:, None]
+            vals = (x * w).sum(-1) + bias
+        else:
+            # Contract the encoder direction into W_V first: pre = sum_{h,k} pattern[h,q,k] x[k] . (W_V[h] w_h)
+            # + b_V terms, which never forms v or z at every position (a large saving for batched reads).
+            attn = lm.model.blocks[layer].attn
+            w_h = rearrange(w, "r (h e) -> r h e", h=lm.cfg.n_heads)
+            if head is not None:
+                keep = torch.zeros(lm.cfg.n_heads, 1, dtype=w.dtype, device=w.device)
+                keep[head] = 1
+                w_h = w_h * keep
+            u = einsum(attn.W_V, w_h, "h d e, r h e -> r h d")
+            pattern = rearrange(lm.patterns[layer][:, pos, :], "h r k -> r h k")
+            x = lm.ln(r, lm.scale_ln1[layer])
+            reads = einsum(x, u, "r k d, r h d -> r h k")
+            vals = (reads * pattern).sum((1, 2)) + (pattern.sum(-1) * einsum(attn.b_V, w_h, "h e, r h e -> r h")).sum(-1) + bias
         for j, b in enumerate(rows):
             out[b] = vals[j]
     return torch.stack(out)

@@ -222,9 +222,18 @@ def collect_activations(suite, dictionary: str, features: list[int], tokens: Tok
     post_hooks = [f"blocks.{l}.mlp.hook_post" for l in range(cfg.n_layers)] if scorecard_stats else []
     names = {spec.hook_in, *keep, *post_hooks}
     idx = torch.tensor(features, device=sae.W_enc.device)
-    acts_out, loss_out, corr = [], [], RunningPearson()
-    kept: dict[str, list[Tensor]] = {h: [] for h in keep}
-    for batch in tqdm(tokens.rows.split(batch_rows), desc=f"activations {dictionary}", disable=not progress):
+    loss_out, corr = [], RunningPearson()
+    n_rows = tokens.rows.shape[0]
+    # Outputs are filled in place (not concatenated at the end), so the peak holds one copy of each.
+    store: dict[str, Tensor] = {}
+
+    def put(name: str, start: int, value: Tensor) -> None:
+        if name not in store:
+            store[name] = torch.empty((n_rows, *value.shape[1:]), dtype=torch.float32)
+        store[name][start : start + value.shape[0]] = value
+
+    for start in tqdm(range(0, n_rows, batch_rows), desc=f"activations {dictionary}", disable=not progress):
+        batch = tokens.rows[start : start + batch_rows]
         toks = batch.to(device)
         logits, cache = model.run_with_cache(toks, names_filter=lambda n: n in names,
                                              stop_at_layer=None if scorecard_stats else cfg.n_layers)
@@ -236,14 +245,16 @@ def collect_activations(suite, dictionary: str, features: list[int], tokens: Tok
             loss_out.append(next_token_loss(logits, toks).float().cpu())
             neurons = torch.cat([cache[h] for h in post_hooks], dim=-1)
             corr.update(acts[:, 1:].flatten(0, 1), neurons[:, 1:].flatten(0, 1))
-        acts_out.append(acts.float().cpu())
+        put("acts", start, acts)
         for h in keep:
-            kept[h].append(cache[h].float().cpu())
+            put(h, start, cache[h])
+        del cache, logits
+    acts_all = store.pop("acts")
     return FeatureActivations(
-        dictionary=dictionary, features=list(features), acts=torch.cat(acts_out), d_mlp=cfg.d_mlp,
+        dictionary=dictionary, features=list(features), acts=acts_all, d_mlp=cfg.d_mlp,
         neuron_corr=corr.pearson().float() if scorecard_stats else None,
         clean_loss=torch.cat(loss_out) if scorecard_stats else None,
-        kept={h: torch.cat(v) for h, v in kept.items()},
+        kept=store,
     )
 
 

@@ -19,8 +19,8 @@ Algorithm (ATTRIBUTION.md sections 2, 3 and 5.1; Ge et al. 2024 for the hierarch
    ``T_s = A[t, s] + sum over kept k downstream of (T_k / a_k) A[k, s]``.
 4. *Edges.* The in-edges of the target and of every kept feature are rows of A restricted to kept sources,
    computed in batches of readers. The part of a row from dropped sources is the reader's *remainder*, summed
-   from those sources' own direct effects. Edges into attention features are split by head (one more batched
-   pass with one head per row); the parts sum to the edge.
+   from those sources' own direct effects. Edges into attention features are split by head with the closed-form
+   per-head reading vectors (``_head_parts``); the parts sum to the edge.
 5. *Exactness certificate.* For every reader, the clean value from the real model's cache must equal
    ``sum of kept in-edges + constant + remainder``. The largest relative residual (divided by
    ``max(|h|, sum |terms|)``) is stored; above 1e-4 (float32) or 1e-9 (float64) an ``ExactnessError`` is raised.
@@ -32,13 +32,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from einops import einsum
+from einops import einsum, rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuits.linear_model import LinearisedModel
-from circuits.targets import FeatureTarget, Target, read_targets
+from circuits.targets import FeatureTarget, Target, read_targets, value_read_directions
 
 log = logging.getLogger(__name__)
 
@@ -218,25 +218,36 @@ def relative_residual(value: Tensor, terms_abs: Tensor, residual: Tensor) -> Ten
 
 def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], src: Tensor, dst: Tensor,
                 chunk: int = 4096) -> Float[Tensor, "e n_heads"]:
-    """Per-head parts of edges into attention features: rows (reader, head), one backward pass."""
+    """Per-head parts of edges into attention features (NaN for other edges).
+
+    The per-head reading vector of an attention feature is ``pattern[h, q, k] (u_h - mean u_h) / scale1[k]`` with
+    ``u_h = W_V[h] w_h`` (``targets.value_read_directions``); each edge's part through head h is its source's
+    write dotted with it. The parts sum to the edge, which comes from the autograd reading vector.
+    """
     n_heads = lm.cfg.n_heads
     parts = torch.full((len(src), n_heads), float("nan"), dtype=lm.dtype, device=lm.device)
-    is_attn = torch.tensor([isinstance(r, FeatureTarget) and r.kind == "attn_feature" for r in readers], device=lm.device)
-    attn_readers = is_attn.nonzero()[:, 0]
-    if len(attn_readers) == 0:
+    is_attn = [isinstance(r, FeatureTarget) and r.kind == "attn_feature" and r.head is None for r in readers]
+    edges = torch.tensor(is_attn, device=lm.device)[dst].nonzero()[:, 0]
+    if len(edges) == 0:
         return parts
-    rows = [FeatureTarget(r.kind, r.layer, r.feature, r.pos, head=h)
-            for r in (readers[int(i)] for i in attn_readers) for h in range(n_heads)]
-    g = reading_vectors(lm, rows).g.reshape(len(attn_readers), n_heads, lm.n_pos, lm.cfg.d_model)
-    slot = torch.full((len(readers),), -1, dtype=torch.long, device=lm.device)
-    slot[attn_readers] = torch.arange(len(attn_readers), device=lm.device)
-    edges = (slot[dst] >= 0).nonzero()[:, 0]
     sources, local = torch.unique(src[edges], return_inverse=True)
     writes = index.unit_writes(sources) * index.activation[sources][:, None]  # a_s d_s, once per source
     for start in range(0, len(edges), chunk):
         e, loc = edges[start : start + chunk], local[start : start + chunk]
-        g_e = g[slot[dst[e]], :, index.pos[src[e]]]  # [e, heads, d]
-        parts[e] = einsum(g_e, writes[loc], "e h d, e d -> e h")
+        rs = [readers[int(d)] for d in dst[e]]
+        layer = torch.tensor([r.layer for r in rs], device=lm.device)
+        q = torch.tensor([r.pos for r in rs], device=lm.device)
+        feat = torch.tensor([r.feature for r in rs], device=lm.device)
+        k = index.pos[src[e]]
+        for L in layer.unique().tolist():
+            sel = (layer == L).nonzero()[:, 0]
+            sae = lm.dictionary("attn_feature", L)
+            w_h = rearrange(sae.W_enc[:, feat[sel]], "(h e) r -> r h e", h=n_heads)
+            u = value_read_directions(lm, L, w_h)
+            u = u - u.mean(-1, keepdim=True)  # LayerNorm's centring, moved onto the reading side
+            pattern = lm.patterns[L][:, q[sel], k[sel]]  # [heads, edges]
+            dots = einsum(u, writes[loc[sel]], "r h d, r d -> r h")
+            parts[e[sel]] = dots * rearrange(pattern, "h r -> r h") / lm.scale_ln1[L][k[sel]][:, None]
     return parts
 
 

@@ -239,7 +239,7 @@ def read_targets(lm: "LinearisedModel", targets: Sequence[Target],
                 keep = torch.zeros(lm.cfg.n_heads, 1, dtype=w.dtype, device=w.device)
                 keep[head] = 1
                 w_h = w_h * keep
-            u = einsum(attn.W_V, w_h, "h d e, r h e -> r h d")
+            u = value_read_directions(lm, layer, w_h)
             pattern = rearrange(lm.patterns[layer][:, pos, :], "h r k -> r h k")
             x = lm.ln(r, lm.scale_ln1[layer])
             reads = einsum(x, u, "r k d, r h d -> r h k")
@@ -247,6 +247,16 @@ def read_targets(lm: "LinearisedModel", targets: Sequence[Target],
         for j, b in enumerate(rows):
             out[b] = vals[j]
     return torch.stack(out)
+
+
+def value_read_directions(lm: "LinearisedModel", layer: int,
+                          w_h: Float[Tensor, "rows n_heads d_head"]) -> Float[Tensor, "rows n_heads d_model"]:
+    """``W_V[h] w_h``: what an attention feature with encoder slices ``w_h`` reads from LN1's output through head h.
+
+    The feature's pre-activation at query q is ``sum_{h,k} pattern[h, q, k] LN1(resid)[k] . u[h]`` plus bias terms,
+    so its per-head reading vector at key position k is ``pattern[h, q, k] (u[h] - mean(u[h])) / scale1[k]``.
+    """
+    return einsum(lm.model.blocks[layer].attn.W_V, w_h, "h d e, r h e -> r h d")
 
 
 # ---------------------------------------------------------------------------------------------- parsing

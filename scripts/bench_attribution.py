@@ -3,7 +3,8 @@
     python -m scripts.bench_attribution [--suites mini gpt2-shapes] [--lengths 32 128] [--targets 16 256] [--full]
 
 1. Measure the machine's matrix-multiply peak (float32 square matmuls) as the yardstick for the rate.
-2. For each suite (the embedded ``mini`` when it is built; ``gpt2-shapes``: GPT-2 small's shapes with random
+2. For each suite (the embedded ``mini`` when it is built, or ``mini-shapes``, its sizes with random weights;
+   ``gpt2-shapes``: GPT-2 small's shapes with random
    weights processed like GPT-2 and 24576-feature dictionaries whose encoder biases are set so that about 20
    to 60 features fire per position) and each prompt length:
    a. direct-effect rows for N readers (active features of the last layers): batched (one backward pass per
@@ -192,7 +193,17 @@ def run(args) -> list[dict]:
               f"{row['peak_bytes'] / 2**20:>9.1f}{row['flops'] / 1e9:>9.2f}{rate / 1e9:>9.2f}{100 * rate / peak:>7.1f}", flush=True)
 
     for name in args.suites:
-        if name == "mini":
+        if name == "mini-shapes":
+            from saes.suite import Suite
+            from saes.testing import make_dictionary, make_model
+
+            # mini's shapes with random weights and random TopK dictionaries (for machines without saes/mini)
+            model = make_model(n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=512, n_ctx=256)
+            suite = Suite("mini-shapes", model,
+                          {l: make_dictionary(model, "attn_sae", l, 1024, "topk", 32, seed=10 + l) for l in range(4)},
+                          {l: make_dictionary(model, "transcoder", l, 1024, "topk", 32, seed=20 + l) for l in range(4)})
+            vocab = suite.model.cfg.d_vocab
+        elif name == "mini":
             from saes.suite import MINI_DIR, load_suite
 
             if not (MINI_DIR / "cfg.json").is_file():
@@ -249,7 +260,8 @@ def run(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--suites", nargs="+", default=["mini", "gpt2-shapes"], choices=["mini", "gpt2-shapes"])
+    p.add_argument("--suites", nargs="+", default=["mini", "gpt2-shapes"], choices=["mini", "mini-shapes", "gpt2-shapes"],
+                   help="mini-shapes: mini's sizes with random weights and TopK dictionaries (vocabulary 300)")
     p.add_argument("--lengths", nargs="+", type=int, default=[32, 128])
     p.add_argument("--targets", nargs="+", type=int, default=[16, 256])
     p.add_argument("--thresholds", nargs="+", type=float, default=[0.05, 0.02])

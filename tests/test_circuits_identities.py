@@ -401,7 +401,7 @@ def test_qk_pairs_sum_to_the_score_with_biases_and_positions(lm, suite):
         kinds = {index.kind(int(c)) for c in cols}
         assert {"pos_embed", "embed"} <= kinds
     # the bias entries matter: dropping b_Q from the constant row would break the sum
-    b_part = (attn.b_Q[target.head] @ k_clean) / lm.cfg.attn_scale
+    b_part = (attn.b_Q[target.head].detach() @ k_clean) / lm.cfg.attn_scale
     assert abs(float(b_part)) > 1e-3
     # the graph's in-edges of the score target are the half-sum of the two marginals
     a = attribute(lm, target, threshold=0.0, progress=False)

@@ -68,7 +68,7 @@ def test_mini_logit_and_qk(lm):
     qk = qk_decomposition(lm, NodeIndex(lm), score)
     assert qk.relative_residual <= 1e-4
     assert float(qk.query_marginal.sum()) == pytest.approx(qk.score, abs=1e-4 * float(qk.pairs.abs().sum()))
-    assert attribute(lm, score, threshold=0.0, progress=False).max_relative_residual <= 1e-4
+    assert attribute(lm, score, threshold=0.01, progress=False).max_relative_residual <= 1e-4
 
 
 def test_mini_batch_invariance_and_causality(lm):

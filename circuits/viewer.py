@@ -3,7 +3,8 @@
 1. Place each node at x = its token position (nodes sharing a position and layer spread out side by side)
    and y = its row in the forward pass: embeddings, then attention L and MLP L for each layer, the target on top.
 2. Draw the edges as straight segments, blue for positive and red for negative weight, in a few width classes
-   by |weight| (the largest ``max_edges`` edges; the page says how many were left out).
+   by |weight| (the target's in-edges, then the largest others up to ``max_edges``; the page says how many
+   were left out).
 3. Nodes are coloured by kind and sized by |influence|; hovering shows the node, its activation, influence,
    constant, remainder and the tokens its write promotes most.
 """
@@ -63,7 +64,8 @@ def figure(circuit: Circuit, max_edges: int = 1500):
     import plotly.graph_objects as go
 
     xy = layout(circuit)
-    edges = sorted(circuit.edges, key=lambda e: -abs(e["weight"]))
+    # the target's in-edges always, then the strongest of the rest (by |weight|)
+    edges = sorted(circuit.edges, key=lambda e: (e["target"] != "target", -abs(e["weight"])))
     shown, hidden = edges[:max_edges], max(0, len(edges) - max_edges)
     fig = go.Figure()
     w_max = max((abs(e["weight"]) for e in shown), default=1.0) or 1.0

@@ -73,8 +73,11 @@ def next_token_loss(model, tokens: Tensor) -> Tensor:
 
 
 def train_language_model(model, rows: Tensor, cfg: LMConfig, checkpoint_dir: Path | None = None, progress: bool = True,
-                         checkpoint_every: int = 250) -> list[dict]:
-    """Train ``model`` in place on ``rows`` ([n, n_ctx] tokens); resumable from ``checkpoint_dir``."""
+                         checkpoint_every: int = 250, stop_after: int | None = None) -> list[dict]:
+    """Train ``model`` in place on ``rows`` ([n, n_ctx] tokens); resumable from ``checkpoint_dir``.
+
+    ``stop_after`` ends training early at that step while keeping ``cfg.steps``'s learning-rate schedule.
+    """
     from tqdm.auto import tqdm
 
     from saes.corpus import iterate_batches
@@ -103,8 +106,9 @@ def train_language_model(model, rows: Tensor, cfg: LMConfig, checkpoint_dir: Pat
         next(batches)
     history: list[dict] = []
     model.train()
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train mini LM")
-    for step in range(start, cfg.steps):
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(total=end, initial=min(start, end), disable=not progress, desc="train mini LM")
+    for step in range(start, end):
         for g in opt.param_groups:
             g["lr"] = lm_lr(cfg, step)
         loss = next_token_loss(model, next(batches))
@@ -116,7 +120,7 @@ def train_language_model(model, rows: Tensor, cfg: LMConfig, checkpoint_dir: Pat
             history.append({"step": step + 1, "loss": float(loss)})
             bar.set_postfix(loss=f"{float(loss):.3f}")
         bar.update(1)
-        if checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
+        if checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == end):
             params = dict(model.named_parameters())
             tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
             for n in names:

@@ -29,7 +29,7 @@ def load_mini(directory: Path, device: str | torch.device = "cpu") -> Suite:
     info = read_json(directory / "cfg.json")
     if (directory / "metrics.json").is_file():
         info["metrics"] = read_json(directory / "metrics.json")
-    return Suite(name=directory.name if directory.name != "mini" else "mini", model=model, attn_saes=attn, transcoders=mlp, info=info)
+    return Suite(name=info.get("model_name") or "mini", model=model, attn_saes=attn, transcoders=mlp, info=info)
 
 
 def heldout_rows(suite, max_rows: int | None = None) -> torch.Tensor:

@@ -32,7 +32,7 @@ def test_mini_meets_its_floors_on_heldout_text(mini):
 
     rows = heldout_rows(mini)
     assert len(rows) >= 100
-    metrics = evaluate_dictionaries(mini, rows, ce_rows=32)
+    metrics = evaluate_dictionaries(mini, rows, ce_rows=128)
     failures = []
     for m in metrics:
         if m.l0 > FLOORS["l0"]:

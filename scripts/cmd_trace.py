@@ -27,6 +27,8 @@ def register(subparsers) -> None:
                    help="also prune by influence (e.g. 0.8 0.98) before writing; the unpruned identities are checked first")
     p.add_argument("--no-faithfulness", action="store_true", help="skip the ablation curve")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--dashboards", action="store_true",
+                   help="also write a dashboard with scorecard for every feature node (out/dashboards/) and link each node of graph.html to it")
     p.add_argument("--out", type=Path, required=True, help="folder for the output files")
     p.set_defaults(handler=run)
 
@@ -57,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
         threshold=circuit.threshold, nodes=circuit.counts(), edges=circuit.edge_counts(), n_edges=len(circuit.edges),
         max_relative_residual=circuit.max_relative_residual, scores=circuit.scores, faithfulness=circuit.faithfulness,
     )
+    if args.dashboards:
+        from analysis.dashboards import link_graph_page, write_circuit_dashboards
+
+        summary["dashboards"] = write_circuit_dashboards(suite, circuit.nodes, out, progress=not args.no_progress)
+        link_graph_page(out / "graph.html", summary["dashboards"])
+        print(f"wrote {len(set(summary['dashboards'].values()))} feature dashboards in {out}/dashboards, linked from graph.html")
     write_json(out / "summary.json", summary)
     print(f"target {circuit.target} = {circuit.target_value:.4g}   ({len(circuit.tokens)} tokens, threshold {circuit.threshold:g})")
     print(f"{'nodes':<16}{'count':>7}")

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from analysis.detectors import DETECTOR_KEYS, find_detectors, rank_features, write_detector_report
 from analysis.scorecard import TokenClass, class_mask, class_scores, collect_activations, vocab_texts

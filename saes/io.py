@@ -173,4 +173,4 @@ def load_model(directory: Path, tokenizer=None, device: str | torch.device = "cp
     if missing or unexpected:
         raise ValueError(f"{directory}: weights do not fit cfg.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.eval()
-    return model.to(device)
+    return model.to(device, print_details=False)

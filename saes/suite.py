@@ -65,7 +65,7 @@ class Suite:
         return found[name]
 
     def to(self, device: str | torch.device) -> "Suite":
-        self.model.to(device)
+        self.model.to(device, print_details=False)
         for sae in [*self.attn_saes.values(), *self.transcoders.values()]:
             sae.to(device)
         return self

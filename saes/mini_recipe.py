@@ -1,6 +1,7 @@
 """The settings that build the shipped mini suite, and the routines that train and evaluate its dictionaries.
 
-Dictionaries: TopK (k = 32, so L0 <= 32) with 1,024 features, AuxK against dead latents (Gao et al. 2024).
+Dictionaries: TopK with 1,024 features (k = 32, or 40 where ``OVERRIDES`` says; so L0 <= 40), AuxK against
+dead latents (Gao et al. 2024).
 All eight (an attention SAE on ``hook_z`` and a transcoder per layer) are trained together on one stream of
 model activations: one forward pass of the model feeds every dictionary's step.
 """

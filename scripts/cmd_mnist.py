@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from scripts.common import add_experiment_run_args
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("mnist", help="MNIST: Exp1 dense 2-D autoencoder, Exp2 sparse (superposition), Exp3 SAE features to images",
@@ -20,9 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--exp2-sparsity", type=float, default=0.999)
     p.add_argument("--sae-steps", type=int, default=6000)
     p.add_argument("--decoder-epochs", type=int, default=20)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
-    p.add_argument("--no-png", action="store_true", help="write only the HTML figures")
-    p.add_argument("--no-progress", action="store_true")
+    add_experiment_run_args(p)
     p.set_defaults(handler=run)
 
 

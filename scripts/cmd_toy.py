@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from scripts.common import add_experiment_run_args
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("toy", help="toy models of superposition: n=5/m=2, n=20/m=5, dimensionality, SAE on toy",
@@ -18,9 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--replicas", type=int, default=4, help="inits per sparsity of the n=5, m=2 sweep (the lowest-loss one is kept)")
     p.add_argument("--sae-steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
-    p.add_argument("--no-png", action="store_true", help="write only the HTML figures")
-    p.add_argument("--no-progress", action="store_true")
+    add_experiment_run_args(p)
     p.set_defaults(handler=run)
 
 

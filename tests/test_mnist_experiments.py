@@ -17,12 +17,7 @@ from analysis.mnist_experiments import MnistConfig, direction_clusters, key_feat
 from analysis.mnist_models import HiddenAutoencoder, loss_shares
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_idx(path, array: np.ndarray, compress: bool = True) -> None:

@@ -16,13 +16,7 @@ from analysis.toy_models import (ToyConfig, ToyModel, geometric_importance, prob
                                  train_toy_model)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tiny models run fastest on one thread; on a busy 2-core machine two threads are several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_toy_config(**overrides) -> ToyConfig:

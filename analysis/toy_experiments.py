@@ -5,14 +5,15 @@
 2. ``twenty_five``: n=20, m=5, importance 0.7^i, S from 0 to 0.999. Dense: W^T W is the identity on the top 5;
    the number of represented features grows with sparsity, the least important going into superposition
    first, in antipodal pairs.
-3. ``dimensionality``: n=200, m=20, uniform importance, 1 - S log-spaced from 1 to 0.05 (batch 256): D* =
+3. ``dimensionality``: n=200, m=20, uniform importance, 1 - S log-spaced from 1 to 0.05 (20 sparsities): D* =
    m / ||W||_F^2 and each feature's dimensionality, which stick at 1, 1/2 and other simple fractions.
 4. ``sae_on_toy``: an SAE trained with ``saes.train`` on the hidden activations ``h = W x`` of the sparsest
    n=5, m=2 model; its decoder rows should find the five feature directions (best cosine > 0.9 each). The default
    is TopK with k=1: in a 2-D space a ReLU latent fires on a half-plane, i.e. on two or three of the five
    pentagon directions at once, so a ReLU + L1 SAE lands between features (it is run too, for comparison).
-Every n=5, m=2 sparsity is trained from several initialisations at once and the lowest-loss one is kept: a 2-D
-model sometimes settles in a local minimum (four features in a square instead of the pentagon).
+Every n=5, m=2 and n=20, m=5 sparsity is trained from several initialisations at once and the lowest-loss one is
+kept: a small model sometimes settles in a local minimum (four features in a square instead of the pentagon; at
+high sparsity a few features fewer than another initialisation reaches).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from analysis.superposition import angular_gaps_2d, fraction_counts, summarize_instance
+from analysis.superposition import REPRESENTED_NORM, angular_gaps_2d, fraction_counts, summarize_instance
 from analysis.toy_models import (ToyConfig, ToyModel, evaluate_loss, geometric_importance, probability_sweep,
                                  sample_features, train_toy_model)
 
@@ -38,12 +39,13 @@ class ToySuiteConfig:
     five_two_instances: int = 10
     five_two_replicas: int = 4  # inits per sparsity; the lowest-loss one is kept (small models hit local minima)
     twenty_five_instances: int = 20
+    twenty_five_replicas: int = 4  # inits per sparsity, lowest loss kept: single runs stop at uneven counts when sparse
     twenty_five_min_probability: float = 0.001
     dim_features: int = 200
     dim_hidden: int = 20
-    dim_instances: int = 10
+    dim_instances: int = 20
     dim_min_probability: float = 0.05
-    dim_batch_size: int = 256
+    dim_batch_size: int = 1024
     sae_latents: int = 10
     sae_k: int | None = 1  # TopK with k=1 (None: ReLU + L1). The module docstring says why.
     sae_steps: int = 3000
@@ -52,7 +54,7 @@ class ToySuiteConfig:
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.five_two_instances, self.twenty_five_instances, self.dim_instances,
-               self.dim_batch_size, self.sae_latents, self.sae_steps, self.five_two_replicas) <= 0:
+               self.dim_batch_size, self.sae_latents, self.sae_steps, self.five_two_replicas, self.twenty_five_replicas) <= 0:
             raise ValueError("every step count, batch size, instance count and width must be positive")
         if self.sae_latents < 5:
             raise ValueError(f"the SAE must have at least 5 latents to recover 5 features, got {self.sae_latents}")
@@ -64,9 +66,12 @@ def five_two_config(c: ToySuiteConfig) -> ToyConfig:
                      steps=c.steps, batch_size=c.batch_size, seed=c.seed)
 
 
-def twenty_five_config(c: ToySuiteConfig) -> ToyConfig:
-    return ToyConfig(20, 5, probability_sweep(c.twenty_five_instances, c.twenty_five_min_probability),
-                     geometric_importance(20, 0.7), steps=c.steps, batch_size=c.batch_size, seed=c.seed)
+def twenty_five_config(c: ToySuiteConfig, replicas: int | None = None) -> ToyConfig:
+    """The n=20, m=5 sweep, each sparsity ``replicas`` times (default ``c.twenty_five_replicas``; the benchmark uses 1)."""
+    r = c.twenty_five_replicas if replicas is None else replicas
+    sweep = probability_sweep(c.twenty_five_instances, c.twenty_five_min_probability)
+    return ToyConfig(20, 5, tuple(p for p in sweep for _ in range(r)), geometric_importance(20, 0.7),
+                     steps=c.steps, batch_size=c.batch_size, seed=c.seed)
 
 
 def dimensionality_config(c: ToySuiteConfig) -> ToyConfig:
@@ -87,9 +92,10 @@ def per_instance(cfg: ToyConfig, model: ToyModel, eval_loss: list[float], keep: 
     rows = []
     for i in keep:
         p = cfg.feature_probability[i]
-        same = [round(eval_loss[j], 6) for j, q in enumerate(cfg.feature_probability) if q == p]
+        same = [j for j, q in enumerate(cfg.feature_probability) if q == p]
         row = {"sparsity": round(1 - p, 6), "feature_probability": round(p, 6), "eval_loss": round(eval_loss[i], 6),
-               "replica_losses": same}
+               "replica_losses": [round(eval_loss[j], 6) for j in same],
+               "replica_n_represented": [int((model.W[j].norm(dim=0) > REPRESENTED_NORM).sum()) for j in same]}
         row.update(summarize_instance(model.W[i]))
         rows.append(row)
     return rows
@@ -134,6 +140,7 @@ def run_twenty_five(c: ToySuiteConfig, progress: bool = True) -> tuple[dict, tor
     checks = {
         "dense_WtW_max_abs_error_vs_top5_identity": round(float((wtw - target).abs().max()), 4),
         "represented_by_sparsity": [(r["sparsity"], r["n_represented"]) for r in rows],
+        "represented_by_sparsity_every_replica": [(r["sparsity"], r["replica_n_represented"]) for r in rows],
         "first_superposed_sparsity": first["sparsity"] if first else None,
         "first_superposed_features": first["in_superposition"] if first else [],
         "antipodal_pairs_at_first_superposition": first["antipodal_pairs"] if first else [],
@@ -161,7 +168,7 @@ def hidden_activations(W: torch.Tensor, feature_probability: float, n_samples: i
     """``h = W x`` for ``n_samples`` inputs, each feature present with ``feature_probability``, uniform in [0, 1]."""
     m, n = W.shape
     cfg = ToyConfig(n, m, (feature_probability,), (1.0,) * n)
-    x = sample_features(cfg, n_samples, torch.Generator().manual_seed(seed))[:, 0]
+    x = sample_features(cfg, n_samples, torch.Generator().manual_seed(seed))[0]
     return x @ W.T
 
 

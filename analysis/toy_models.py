@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Literal
 
 import torch
-from einops import einsum
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -94,26 +93,28 @@ class ToyModel(nn.Module):
         self.W = nn.Parameter(torch.randn(cfg.n_instances, cfg.n_hidden, cfg.n_features, generator=gen, dtype=dtype) * std)
         self.b = nn.Parameter(torch.zeros(cfg.n_instances, cfg.n_features, dtype=dtype))
 
-    def hidden(self, x: Float[Tensor, "batch instance feature"]) -> Float[Tensor, "batch instance hidden"]:
-        return einsum(x, self.W, "batch inst feat, inst hid feat -> batch inst hid")
+    # Instance-major tensors and one batched matmul per product (``bmm``/``baddbmm`` over instances): no
+    # transposed copies of the ``[instance, batch, feature]`` activations and no Python work per instance.
+    def hidden(self, x: Float[Tensor, "instance batch feature"]) -> Float[Tensor, "instance batch hidden"]:
+        return torch.bmm(x, self.W.transpose(1, 2))
 
-    def forward(self, x: Float[Tensor, "batch instance feature"]) -> Float[Tensor, "batch instance feature"]:
-        out = einsum(self.hidden(x), self.W, "batch inst hid, inst hid feat -> batch inst feat") + self.b
+    def forward(self, x: Float[Tensor, "instance batch feature"]) -> Float[Tensor, "instance batch feature"]:
+        out = torch.baddbmm(self.b.unsqueeze(1), self.hidden(x), self.W)
         return torch.relu(out) if self.cfg.activation == "relu" else out
 
 
 def sample_features(cfg: ToyConfig, batch_size: int, generator: torch.Generator, dtype: torch.dtype = torch.float32
-                    ) -> Float[Tensor, "batch instance feature"]:
+                    ) -> Float[Tensor, "instance batch feature"]:
     """Each feature present with its instance's probability, then uniform in [0, 1]."""
     # One uniform draw u per entry: the feature is present when u < p, and then u / p is uniform in [0, 1].
-    u = torch.rand(batch_size, cfg.n_instances, cfg.n_features, generator=generator, dtype=dtype)
-    p = torch.tensor(cfg.feature_probability, dtype=dtype)[:, None]
-    return torch.where(u < p, u / p, torch.zeros((), dtype=dtype))
+    u = torch.rand(cfg.n_instances, batch_size, cfg.n_features, generator=generator, dtype=dtype)
+    u /= torch.tensor(cfg.feature_probability, dtype=dtype)[:, None, None]
+    return u.masked_fill_(u > 1, 0.0)
 
 
 def toy_loss(cfg: ToyConfig, x: Tensor, x_hat: Tensor, importance: Tensor) -> Float[Tensor, "instance"]:
     """Per-instance importance-weighted MSE (mean over batch and features)."""
-    return (importance * (x - x_hat).pow(2)).mean(dim=(0, 2))
+    return (importance * (x - x_hat).pow(2)).mean(dim=(1, 2))
 
 
 @dataclass
@@ -135,13 +136,13 @@ def evaluate_loss(model: ToyModel, n_samples: int = 65_536, seed: int = 12_345, 
     total = torch.zeros(cfg.n_instances, dtype=torch.float64)
     for start in range(0, n_samples, chunk):
         x = sample_features(cfg, min(chunk, n_samples - start), gen, model.W.dtype)
-        total += toy_loss(cfg, x, model(x), importance).double() * x.shape[0]
+        total += toy_loss(cfg, x, model(x), importance).double() * x.shape[1]
     return (total / n_samples).tolist()
 
 
 def train_toy_model(cfg: ToyConfig, model: ToyModel | None = None, batches: Iterable[Tensor] | None = None,
                     progress: bool = True, log_every: int = 500, desc: str = "toy models") -> ToyRun:
-    """Train all instances of ``cfg`` at once. ``batches`` (``[batch, instance, feature]`` tensors) replaces the
+    """Train all instances of ``cfg`` at once. ``batches`` (``[instance, batch, feature]`` tensors) replaces the
     seeded sampler, which is how the tests feed one instance the exact data it saw inside the batch."""
     from tqdm.auto import tqdm
 

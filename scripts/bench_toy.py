@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from analysis.toy_models import train_toy_model
 
     torch.set_num_threads(args.threads)
-    cfg = twenty_five_config(ToySuiteConfig(steps=args.steps, batch_size=args.batch_size))
+    cfg = twenty_five_config(ToySuiteConfig(steps=args.steps, batch_size=args.batch_size), replicas=1)
     load_before = os.getloadavg()[0]
 
     t = time.perf_counter()

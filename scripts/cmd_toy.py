@@ -16,8 +16,10 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--dim-features", type=int, default=200, help="n of the dimensionality sweep")
     p.add_argument("--dim-hidden", type=int, default=20, help="m of the dimensionality sweep")
-    p.add_argument("--dim-instances", type=int, default=10, help="sparsities in the dimensionality sweep")
+    p.add_argument("--dim-instances", type=int, default=20, help="sparsities in the dimensionality sweep")
+    p.add_argument("--dim-batch-size", type=int, default=1024, help="batch of the dimensionality sweep (paper: 1024)")
     p.add_argument("--replicas", type=int, default=4, help="inits per sparsity of the n=5, m=2 sweep (the lowest-loss one is kept)")
+    p.add_argument("--twenty-five-replicas", type=int, default=4, help="inits per sparsity of the n=20, m=5 sweep (the lowest-loss one is kept)")
     p.add_argument("--sae-steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     add_experiment_run_args(p)
@@ -31,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     cfg = ToySuiteConfig(steps=args.steps, batch_size=args.batch_size, dim_features=args.dim_features,
-                         dim_hidden=args.dim_hidden, dim_instances=args.dim_instances, five_two_replicas=args.replicas, sae_steps=args.sae_steps, seed=args.seed)
+                         dim_hidden=args.dim_hidden, dim_instances=args.dim_instances, dim_batch_size=args.dim_batch_size,
+                         five_two_replicas=args.replicas, twenty_five_replicas=args.twenty_five_replicas, sae_steps=args.sae_steps, seed=args.seed)
     res = run_toy_suite(cfg, args.out, progress=not args.no_progress, png=not args.no_png)
     f52, f205, dim, sae = res["five_two"]["checks"], res["twenty_five"]["checks"], res["dimensionality"]["checks"], res["sae_on_toy"]
     print(f"n=5 m=2   dense: {f52['dense_represented']} represented (norms {f52['dense_top2_norms']}, cos {f52['dense_top2_cosine']});"

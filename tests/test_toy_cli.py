@@ -21,15 +21,18 @@ def test_toy_command_writes_every_measured_quantity(tmp_path):
     from scripts.cli import main
 
     out = tmp_path / "toy"
-    rc = main(["toy", "--out", str(out), "--steps", "40", "--batch-size", "64", "--replicas", "1", "--dim-features", "12",
-               "--dim-hidden", "3", "--dim-instances", "3", "--sae-steps", "30", "--no-png", "--no-progress"])
+    rc = main(["toy", "--out", str(out), "--steps", "40", "--batch-size", "64", "--replicas", "1", "--twenty-five-replicas", "2",
+               "--dim-features", "12", "--dim-hidden", "3", "--dim-instances", "3", "--dim-batch-size", "32", "--sae-steps", "30", "--no-png", "--no-progress"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     five = res["five_two"]["instances"]
     assert len(five) == 10 and five[0]["sparsity"] == 0.0 and five[-1]["sparsity"] == pytest.approx(0.95)
     for row in five:
         assert len(row["feature_norms"]) == 5 and row["n_represented"] == sum(n > 0.5 for n in row["feature_norms"])
-    assert len(res["twenty_five"]["instances"]) == 20
+    twenty = res["twenty_five"]["instances"]
+    assert len(twenty) == 20 and all(len(r["replica_losses"]) == len(r["replica_n_represented"]) == 2 for r in twenty)
+    assert all(r["eval_loss"] == min(r["replica_losses"]) for r in twenty)  # the kept replica is the lowest-loss one
+    assert res["config"]["dim_batch_size"] == 32
     dims = res["dimensionality"]["instances"]
     assert len(dims) == 3 and all(len(r["feature_dimensionality"]) == 12 for r in dims)
     for key in ("sae_on_toy", "sae_on_toy_relu_l1"):

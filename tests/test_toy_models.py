@@ -40,7 +40,7 @@ def test_batched_instances_train_exactly_as_alone():
         with torch.no_grad():
             alone.W.copy_(init_W[i : i + 1])
             alone.b.copy_(init_b[i : i + 1])
-        train_toy_model(alone_cfg, model=alone, batches=[b[:, i : i + 1] for b in batches], progress=False)
+        train_toy_model(alone_cfg, model=alone, batches=[b[i : i + 1] for b in batches], progress=False)
         torch.testing.assert_close(alone.W[0], model.W[i], rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(alone.b[0], model.b[i], rtol=1e-9, atol=1e-10)
 
@@ -48,9 +48,9 @@ def test_batched_instances_train_exactly_as_alone():
 def test_sampler_has_the_asked_sparsity_and_range():
     cfg = make_toy_config(feature_probability=(1.0, 0.2))
     x = sample_features(cfg, 20_000, torch.Generator().manual_seed(0))
-    present = (x > 0).float().mean(dim=(0, 2))
+    present = (x > 0).float().mean(dim=(1, 2))
     assert abs(float(present[0]) - 1.0) < 1e-3 and abs(float(present[1]) - 0.2) < 0.01
-    nz = x[:, 1][x[:, 1] > 0]
+    nz = x[1][x[1] > 0]
     assert 0 < float(nz.min()) and float(nz.max()) <= 1 and abs(float(nz.mean()) - 0.5) < 0.01  # uniform on [0, 1]
 
 

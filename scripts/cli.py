@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "scripts.cmd_mnist",
     "scripts.cmd_dashboard",
     "scripts.cmd_trace",
+    "scripts.cmd_batch",
 ]
 
 

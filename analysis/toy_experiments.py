@@ -5,7 +5,7 @@
 2. ``twenty_five``: n=20, m=5, importance 0.7^i, S from 0 to 0.999. Dense: W^T W is the identity on the top 5;
    the number of represented features grows with sparsity, the least important going into superposition
    first, in antipodal pairs.
-3. ``dimensionality``: n=200, m=20, uniform importance, 1 - S log-spaced from 1 to 0.05 (20 sparsities): D* =
+3. ``dimensionality``: n=200, m=20, uniform importance, 1 - S log-spaced from 1 to 0.05 (batch 1024): D* =
    m / ||W||_F^2 and each feature's dimensionality, which stick at 1, 1/2 and other simple fractions.
 4. ``sae_on_toy``: an SAE trained with ``saes.train`` on the hidden activations ``h = W x`` of the sparsest
    n=5, m=2 model; its decoder rows should find the five feature directions (best cosine > 0.9 each). The default
@@ -43,7 +43,7 @@ class ToySuiteConfig:
     twenty_five_min_probability: float = 0.001
     dim_features: int = 200
     dim_hidden: int = 20
-    dim_instances: int = 20
+    dim_instances: int = 10
     dim_min_probability: float = 0.05
     dim_batch_size: int = 1024
     sae_latents: int = 10
@@ -222,8 +222,15 @@ def nearest_indices(values: list[float], targets: tuple[float, ...]) -> list[int
     return sorted({min(range(len(values)), key=lambda i: abs(values[i] - t)) for t in targets})
 
 
-def run_toy_suite(c: ToySuiteConfig, out_dir, progress: bool = True, png: bool = True) -> dict:
-    """Run every toy experiment, write ``out_dir/results.json`` and the figures; returns the results."""
+TOY_EXPERIMENTS = ("five_two", "twenty_five", "dimensionality")  # five_two includes the SAE on its sparsest model
+
+
+def run_toy_suite(c: ToySuiteConfig, out_dir, progress: bool = True, png: bool = True,
+                  experiments: tuple[str, ...] = TOY_EXPERIMENTS) -> dict:
+    """Run the toy experiments (default all), write ``out_dir/results.json`` and the figures; returns the results."""
+    unknown = set(experiments) - set(TOY_EXPERIMENTS)
+    if unknown:
+        raise ValueError(f"unknown toy experiments {sorted(unknown)}; choose from {TOY_EXPERIMENTS}")
     import time
     from pathlib import Path
 
@@ -234,8 +241,30 @@ def run_toy_suite(c: ToySuiteConfig, out_dir, progress: bool = True, png: bool =
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"experiment": "toy models of superposition (Elhage et al. 2022)", "config": asdict(c),
-                     "torch_threads": torch.get_num_threads(), "timings_s": {}, "figures": {}}
+                     "experiments_run": list(experiments), "torch_threads": torch.get_num_threads(), "timings_s": {}, "figures": {}}
     figures = {}
+    if "five_two" in experiments:
+        run_five_two_and_sae(c, results, figures, progress)
+    if "twenty_five" in experiments:
+        run_twenty_five_and_figures(c, results, figures, progress)
+    if "dimensionality" in experiments:
+        t = time.time()
+        results["dimensionality"], _ = run_dimensionality(c, progress)
+        results["timings_s"]["dimensionality"] = round(time.time() - t, 1)
+        figures["toy_dimensionality"] = toy_figures.dimensionality_scatter(
+            results["dimensionality"]["instances"], f"Feature dimensionality, n={c.dim_features}, m={c.dim_hidden}, uniform importance")
+
+    for name, fig in figures.items():
+        files = save_figure(fig, out_dir / name, png=png)
+        results["figures"][name] = {"html": files.html.name, "png": files.png.name if files.png else None}
+    atomic_write_json(out_dir / "results.json", results)
+    return results
+
+
+def run_five_two_and_sae(c: ToySuiteConfig, results: dict, figures: dict, progress: bool) -> None:
+    import time
+
+    from analysis import toy_figures
 
     t = time.time()
     results["five_two"], W52 = run_five_two(c, progress)
@@ -253,6 +282,12 @@ def run_toy_suite(c: ToySuiteConfig, out_dir, progress: bool = True, png: bool =
         W52[-1], sae.W_dec.detach(), results["sae_on_toy"]["best_cosine_per_true_feature"],
         f"TopK(k={c.sae_k}) SAE with {c.sae_latents} latents on the hidden layer of the n=5, m=2 model at S={s52[-1]:.3g}")
 
+
+def run_twenty_five_and_figures(c: ToySuiteConfig, results: dict, figures: dict, progress: bool) -> None:
+    import time
+
+    from analysis import toy_figures
+
     t = time.time()
     results["twenty_five"], W205 = run_twenty_five(c, progress)
     results["timings_s"]["twenty_five"] = round(time.time() - t, 1)
@@ -261,15 +296,3 @@ def run_toy_suite(c: ToySuiteConfig, out_dir, progress: bool = True, png: bool =
     figures["toy_twenty_five_wtw"] = toy_figures.wtw_heatmaps(W205[pick], [s205[i] for i in pick], "n=20, m=5, importance 0.7^i: W<sup>T</sup>W")
     figures["toy_twenty_five_norms"] = toy_figures.norms_by_superposition(
         W205[pick], [s205[i] for i in pick], "n=20, m=5: feature norms ||W<sub>i</sub>|| (feature 0 on top), colour = superposition")
-
-    t = time.time()
-    results["dimensionality"], _ = run_dimensionality(c, progress)
-    results["timings_s"]["dimensionality"] = round(time.time() - t, 1)
-    figures["toy_dimensionality"] = toy_figures.dimensionality_scatter(
-        results["dimensionality"]["instances"], f"Feature dimensionality, n={c.dim_features}, m={c.dim_hidden}, uniform importance")
-
-    for name, fig in figures.items():
-        files = save_figure(fig, out_dir / name, png=png)
-        results["figures"][name] = {"html": files.html.name, "png": files.png.name if files.png else None}
-    atomic_write_json(out_dir / "results.json", results)
-    return results

@@ -56,3 +56,15 @@ def test_png_is_a_real_image_of_the_figure(tmp_path):
     assert (width, height) == (400, 300)
     assert b"plotly" in files.html.read_bytes()[:2_000_000]  # plotly.js inline: works offline
     assert len(data) > 2_000  # not a blank page
+
+
+def test_toy_command_runs_only_the_asked_experiments(tmp_path):
+    from scripts.cli import main
+
+    out = tmp_path / "toy"
+    rc = main(["toy", "--out", str(out), "--exp", "dimensionality", "--steps", "20", "--dim-features", "12", "--dim-hidden", "3",
+               "--dim-instances", "2", "--dim-batch-size", "16", "--no-png", "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["experiments_run"] == ["dimensionality"] and "five_two" not in res and "twenty_five" not in res
+    assert list(res["figures"]) == ["toy_dimensionality"] and len(res["dimensionality"]["instances"]) == 2

@@ -5,9 +5,15 @@
    as in the toy model.
 1. Exp1 (dense): the toy autoencoder 49 -> 2 -> 49 on those activations. Per epoch, each feature's direction in
    the 2-D space (its column of W), drawn with length = its share of the reconstruction (the loss rise when the
-   column is removed), normalised so the longest is 1. Counted as represented: ``||W_j|| > 0.5`` (the toy
-   models' criterion).
+   column is removed), normalised so the longest is 1 (so the arrows lie in [-1, 1], as the original draws them).
+   Measured per epoch, as the original reads its figure: the *long* arrows (normalised importance > 0.5), the
+   angle between the two longest, and how many distinct directions the long arrows point in; and, as the toy
+   models count, the features with ``||W_j|| > 0.5``.
 2. Exp2 (sparse): the same with each feature kept with probability ``1 - S`` (S = 0.999 by default).
+1w/2w. The same two with the toy model's importance-weighted loss: feature importance ``base ** rank`` (base 0.7
+   as the paper's n=20 model), rank 0 the unit with the largest mean square (the largest contribution to an
+   unweighted reconstruction loss). This tests whether the dense "two orthogonal features" picture needs a steep
+   importance profile, which the classifier's own units do not have.
 3. Exp3: an SAE with 98 latents (``saes.train``, ReLU + L1, dead-latent resampling) on the 49 raw hidden
    activations, and an image decoder 49 -> 784. Per digit: the mean activation of each latent over that digit's
    training images, normalised to sum 1 (with the 90th-percentile and 1/98 lines). Key features: the fewest
@@ -45,6 +51,7 @@ class MnistConfig:
     sae_batch_size: int = 256
     sae_l1_coefficient: float = 0.03
     decoder_epochs: int = 20
+    weighted_importance_base: float | None = 0.7  # also run Exp1/Exp2 with importance base**rank (None: skip)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -53,9 +60,12 @@ class MnistConfig:
         if min(self.classifier_epochs, self.ae_epochs, self.ae_repeats_per_epoch, self.ae_batch_size, self.sae_latents,
                self.sae_steps, self.sae_batch_size, self.decoder_epochs) <= 0:
             raise ValueError("every epoch count, step count, batch size and width must be positive")
+        if self.weighted_importance_base is not None and not 0 < self.weighted_importance_base <= 1:
+            raise ValueError(f"weighted_importance_base must be in (0, 1] or None, got {self.weighted_importance_base}")
 
 
 REPRESENTED_NORM = 0.5
+LONG_ARROW = 0.5  # a drawn arrow (importance normalised so the longest is 1) longer than this counts as long
 
 
 def feature_scale(acts: torch.Tensor) -> torch.Tensor:
@@ -75,11 +85,25 @@ def direction_clusters(arrows: torch.Tensor, min_length: float = 0.1, gap_degree
     return max(1, int((gaps > gap_degrees).sum()))
 
 
+def rank_importance(acts: torch.Tensor, base: float) -> torch.Tensor:
+    """Importance ``base ** rank``, rank 0 for the unit with the largest mean square (its contribution to an
+    unweighted reconstruction loss when it is not reconstructed at all)."""
+    rank = acts.pow(2).mean(0).argsort(descending=True).argsort()
+    return base ** rank.to(acts.dtype)
+
+
+def angle_degrees(u: torch.Tensor, v: torch.Tensor) -> float:
+    """The angle between two 2-D vectors, in [0, 180]."""
+    cos = float(u @ v / (u.norm() * v.norm()).clamp_min(1e-12))
+    return round(float(torch.rad2deg(torch.arccos(torch.tensor(max(-1.0, min(1.0, cos)))))), 2)
+
+
 def run_autoencoder_experiment(name: str, train_acts: torch.Tensor, test_acts: torch.Tensor, sparsity: float,
-                               c: MnistConfig, progress: bool) -> tuple[dict, list[dict]]:
+                               c: MnistConfig, progress: bool, importance: torch.Tensor | None = None) -> tuple[dict, list[dict]]:
     scale = feature_scale(train_acts)
     ae, snaps = train_hidden_autoencoder(train_acts / scale, test_acts / scale, 1 - sparsity, c.ae_epochs, c.ae_repeats_per_epoch,
-                                         c.ae_batch_size, seed=c.seed, progress=progress, desc=name)
+                                         c.ae_batch_size, seed=c.seed, progress=progress, desc=name, importance=importance)
+    corr = torch.corrcoef((train_acts / scale).T).nan_to_num(0.0)
     per_epoch = []
     for s in snaps:
         W, shares = s["W"], s["loss_shares"]
@@ -87,8 +111,15 @@ def run_autoencoder_experiment(name: str, train_acts: torch.Tensor, test_acts: t
         unit = W / norms.clamp_min(1e-8)
         length = shares / shares.max().clamp_min(1e-12)
         vectors = (unit * length).T  # [feature, 2], the drawn arrows, longest 1
+        top = length.argsort(descending=True)[:2].tolist()
         per_epoch.append({
             "epoch": s["epoch"], "eval_loss": round(s["eval_loss"], 6),
+            "n_long": int((length > LONG_ARROW).sum()),
+            "long_features": torch.nonzero(length > LONG_ARROW).flatten().tolist(),
+            "n_long_directions": direction_clusters(vectors, min_length=LONG_ARROW),
+            "top2_features": top, "top2_lengths": [round(float(length[j]), 4) for j in top],
+            "top2_angle_degrees": angle_degrees(vectors[top[0]], vectors[top[1]]),
+            "top2_activation_correlation": round(float(corr[top[0], top[1]]), 4),
             "n_represented": int((norms > REPRESENTED_NORM).sum()),
             "n_share_above_10pct_of_max": int((length > 0.1).sum()),
             "n_directions": direction_clusters(vectors),
@@ -103,6 +134,12 @@ def run_autoencoder_experiment(name: str, train_acts: torch.Tensor, test_acts: t
     off = cos[~torch.eye(len(rep), dtype=torch.bool)] if len(rep) > 1 else torch.zeros(0)
     summary = {
         "sparsity": sparsity, "n_features": train_acts.shape[1], "n_live_features": int((train_acts.max(0).values > 0).sum()),
+        "importance": None if importance is None else [round(float(v), 6) for v in importance],
+        "final_n_long": per_epoch[-1]["n_long"],
+        "final_n_long_directions": per_epoch[-1]["n_long_directions"],
+        "final_top2_features": per_epoch[-1]["top2_features"],
+        "final_top2_angle_degrees": per_epoch[-1]["top2_angle_degrees"],
+        "final_top2_activation_correlation": per_epoch[-1]["top2_activation_correlation"],
         "final_n_represented": per_epoch[-1]["n_represented"],
         "final_n_directions": per_epoch[-1]["n_directions"],
         "final_participation_ratio": per_epoch[-1]["participation_ratio"],
@@ -220,13 +257,21 @@ def run_mnist(data: MnistData, c: MnistConfig, experiments: tuple[int, ...], out
                                  "test_accuracy": round(accuracy(clf(data.test_images), data.test_labels), 4)}
     results["timings_s"]["classifier"] = round(time.time() - t, 1)
     figures = {}
+    variants = [("", None)]
+    if c.weighted_importance_base is not None:
+        importance = rank_importance(train_h / feature_scale(train_h), c.weighted_importance_base)
+        variants.append(("_weighted", importance))
     for exp, sparsity in ((1, 0.0), (2, c.exp2_sparsity)):
-        if exp in experiments:
+        if exp not in experiments:
+            continue
+        for suffix, importance in variants:
+            key = f"exp{exp}{suffix}"
             t = time.time()
-            results[f"exp{exp}"], per_epoch = run_autoencoder_experiment(f"exp{exp}", train_h, test_h, sparsity, c, progress)
-            results["timings_s"][f"exp{exp}"] = round(time.time() - t, 1)
-            figures[f"mnist_exp{exp}_directions"] = mnist_figures.directions_by_epoch(
-                per_epoch, f"Exp{exp}: the 49 hidden features in 2 dimensions (sparsity S={sparsity}); length = share of the reconstruction")
+            results[key], per_epoch = run_autoencoder_experiment(key, train_h, test_h, sparsity, c, progress, importance)
+            results["timings_s"][key] = round(time.time() - t, 1)
+            loss = "unweighted loss" if importance is None else f"loss weighted by importance {c.weighted_importance_base}<sup>rank</sup>"
+            figures[f"mnist_exp{exp}{suffix}_directions"] = mnist_figures.directions_by_epoch(
+                per_epoch, f"Exp{exp}: the 49 hidden features in 2 dimensions (S={sparsity}, {loss}); length = share of the reconstruction, longest 1")
     if 3 in experiments:
         t = time.time()
         results["exp3"], arrays = run_exp3(clf, data, train_h, test_h, c, progress)

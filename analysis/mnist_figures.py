@@ -16,7 +16,8 @@ def _epochs_to_show(n_epochs: int, max_panels: int = 8) -> list[int]:
 
 
 def directions_by_epoch(per_epoch: list[dict], title: str):
-    """One panel per shown epoch: each feature an arrow from the origin; colour = feature index."""
+    """One panel per shown epoch: each feature an arrow from the origin; colour = feature index. Dotted circle:
+    the long-arrow mark (0.5)."""
     import plotly.graph_objects as go
     from plotly.colors import sample_colorscale
     from plotly.subplots import make_subplots
@@ -24,7 +25,8 @@ def directions_by_epoch(per_epoch: list[dict], title: str):
     shown = _epochs_to_show(len(per_epoch))
     cols = 4
     rows = math.ceil(len(shown) / cols)
-    titles = [f"epoch {per_epoch[i]['epoch']}: {per_epoch[i]['n_represented']} with |W<sub>j</sub>|>0.5" for i in shown]
+    titles = [f"epoch {per_epoch[i]['epoch']}: {per_epoch[i]['n_long']} long, top 2 at {per_epoch[i]['top2_angle_degrees']:.0f}°, "
+              f"{per_epoch[i]['n_represented']} |W<sub>j</sub>|>0.5" for i in shown]
     fig = make_subplots(rows, cols, subplot_titles=titles, horizontal_spacing=0.03, vertical_spacing=0.1)
     n = len(per_epoch[0]["arrows"])
     colours = sample_colorscale("Turbo", [j / max(1, n - 1) for j in range(n)])
@@ -35,9 +37,11 @@ def directions_by_epoch(per_epoch: list[dict], title: str):
             fig.add_trace(go.Scatter(x=[0, x], y=[0, y], mode="lines", line=dict(color=colours[j], width=2),
                                      name=f"hidden unit {j}", legendgroup=str(j), showlegend=False,
                                      hovertext=f"unit {j}: share {per_epoch[i]['loss_shares'][j]:.3f}, |W| {per_epoch[i]['feature_norms'][j]:.2f}"), r, c)
+        fig.add_shape(type="circle", x0=-0.5, y0=-0.5, x1=0.5, y1=0.5, line=dict(color="grey", width=1, dash="dot"), row=r, col=c)
         fig.update_xaxes(range=[-1.1, 1.1], showticklabels=False, row=r, col=c)
         fig.update_yaxes(range=[-1.1, 1.1], showticklabels=False, scaleanchor=f"x{k + 1 if k else ''}", row=r, col=c)
     fig.update_layout(title=dict(text=title, font=dict(size=14)), template="plotly_white")
+    fig.update_annotations(font_size=11)
     return fig
 
 

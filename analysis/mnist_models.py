@@ -91,26 +91,30 @@ def sparsify(a: Tensor, feature_probability: float, gen: torch.Generator) -> Ten
 
 
 @torch.no_grad()
-def loss_shares(ae: HiddenAutoencoder, a: Tensor) -> Tensor:
-    """Each feature's share of the reconstruction: how much the loss rises when its column of W is removed
-    (from both the encoding and the read-out), normalised to sum to 1 over features. 0 for an unused feature."""
-    base = (ae(a) - a).pow(2).mean()
+def loss_shares(ae: HiddenAutoencoder, a: Tensor, importance: Tensor | None = None) -> Tensor:
+    """Each feature's share of the reconstruction: how much the (importance-weighted) loss rises when its column
+    of W is removed (from both the encoding and the read-out), normalised to sum to 1 over features. 0 for an
+    unused feature."""
+    imp = torch.ones(a.shape[1]) if importance is None else importance
+    base = (imp * (ae(a) - a).pow(2)).mean()
     n = ae.W.shape[1]
     ablated = ae.W.unsqueeze(0).repeat(n, 1, 1)
     ablated[torch.arange(n), :, torch.arange(n)] = 0.0
-    losses = (ae.forward_with(ablated, a) - a).pow(2).mean(dim=(1, 2))
+    losses = (imp * (ae.forward_with(ablated, a) - a).pow(2)).mean(dim=(1, 2))
     rise = (losses - base).clamp_min(0)
     return rise / rise.sum().clamp_min(1e-12)
 
 
 def train_hidden_autoencoder(acts: Tensor, eval_acts: Tensor, feature_probability: float, epochs: int, repeats_per_epoch: int,
                              batch_size: int = 1024, lr: float = 1e-3, seed: int = 0, progress: bool = True,
-                             desc: str = "autoencoder") -> tuple[HiddenAutoencoder, list[dict]]:
+                             desc: str = "autoencoder", importance: Tensor | None = None) -> tuple[HiddenAutoencoder, list[dict]]:
     """Train the 49 -> 2 -> 49 model; one epoch passes over ``acts`` ``repeats_per_epoch`` times (fresh sparsity
-    masks each time). After each epoch, record ``W`` and the loss shares on ``eval_acts`` (masked the same way)."""
+    masks each time). After each epoch, record ``W`` and the loss shares on ``eval_acts`` (masked the same way).
+    ``importance`` weights each feature's squared error as in the toy model (default: all 1)."""
     from tqdm.auto import tqdm
 
     ae = HiddenAutoencoder(acts.shape[1], 2, seed=seed)
+    imp = torch.ones(acts.shape[1]) if importance is None else importance
     opt = torch.optim.AdamW(ae.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed + 1)
     eval_gen = torch.Generator().manual_seed(seed + 2)
@@ -125,13 +129,13 @@ def train_hidden_autoencoder(acts: Tensor, eval_acts: Tensor, feature_probabilit
         for _ in range(repeats_per_epoch):
             for idx in _minibatches(len(acts), batch_size, gen):
                 x = sparsify(acts[idx], feature_probability, gen)
-                loss = (ae(x) - x).pow(2).mean()
+                loss = (imp * (ae(x) - x).pow(2)).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
         with torch.no_grad():
-            eval_loss = float((ae(eval_x) - eval_x).pow(2).mean())
-        snapshots.append({"epoch": epoch + 1, "W": ae.W.detach().clone(), "loss_shares": loss_shares(ae, eval_x),
+            eval_loss = float((imp * (ae(eval_x) - eval_x).pow(2)).mean())
+        snapshots.append({"epoch": epoch + 1, "W": ae.W.detach().clone(), "loss_shares": loss_shares(ae, eval_x, imp),
                           "eval_loss": eval_loss})
     ae.requires_grad_(False)
     return ae, snapshots

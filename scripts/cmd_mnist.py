@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--exp2-sparsity", type=float, default=0.999)
     p.add_argument("--sae-steps", type=int, default=6000)
     p.add_argument("--decoder-epochs", type=int, default=20)
+    p.add_argument("--weighted-importance", type=float, default=0.7,
+                   help="also run Exp1/Exp2 with the loss weighted by importance BASE**rank (0: skip)")
     add_experiment_run_args(p)
     p.set_defaults(handler=run)
 
@@ -36,15 +38,18 @@ def run(args: argparse.Namespace) -> int:
     data = load_mnist(args.mnist_dir, seed=args.seed)
     experiments = (1, 2, 3) if args.exp == "all" else (int(args.exp),)
     cfg = MnistConfig(classifier_epochs=args.classifier_epochs, ae_epochs=args.ae_epochs, ae_repeats_per_epoch=args.ae_repeats,
-                      exp2_sparsity=args.exp2_sparsity, sae_steps=args.sae_steps, decoder_epochs=args.decoder_epochs, seed=args.seed)
+                      exp2_sparsity=args.exp2_sparsity, sae_steps=args.sae_steps, decoder_epochs=args.decoder_epochs,
+                      weighted_importance_base=args.weighted_importance or None, seed=args.seed)
     res = run_mnist(data, cfg, experiments, args.out, progress=not args.no_progress, png=not args.no_png)
     print(f"data: {res['data']['split']}")
     print(f"classifier test accuracy: {res['classifier']['test_accuracy']:.4f}")
-    for exp in ("exp1", "exp2"):
+    for exp in ("exp1", "exp2", "exp1_weighted", "exp2_weighted"):
         if exp in res:
-            print(f"{exp} (S={res[exp]['sparsity']}): {res[exp]['final_n_represented']} of {res[exp]['n_live_features']} live "
-                  f"features represented (|W_j| > 0.5), {res[exp]['final_n_directions']} distinct directions, participation ratio "
-                  f"{res[exp]['final_participation_ratio']} after {len(res[exp]['per_epoch'])} epochs")
+            e = res[exp]
+            print(f"{exp} (S={e['sparsity']}) after {len(e['per_epoch'])} epochs: {e['final_n_long']} long arrows (importance > 0.5 "
+                  f"of the longest) in {e['final_n_long_directions']} directions, top two (units {e['final_top2_features']}) at "
+                  f"{e['final_top2_angle_degrees']} deg; {e['final_n_represented']} of {e['n_live_features']} live features with "
+                  f"|W_j| > 0.5; participation ratio {e['final_participation_ratio']}")
     if "exp3" in res:
         e = res["exp3"]
         print(f"exp3 SAE: explained variance {e['sae']['explained_variance_test']}, L0 {e['sae']['l0_test']}, dead {e['sae']['dead_fraction']}; "

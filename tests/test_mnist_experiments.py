@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from analysis.mnist_data import load_mnist_idx, read_idx
-from analysis.mnist_experiments import MnistConfig, direction_clusters, key_features, run_mnist
+from analysis.mnist_experiments import (MnistConfig, angle_degrees, direction_clusters, key_features, rank_importance,
+                                       run_mnist)
 from analysis.mnist_models import HiddenAutoencoder, loss_shares
 
 
@@ -126,6 +127,28 @@ def test_direction_clusters_count_distinct_directions():
     assert direction_clusters(torch.zeros(3, 2)) == 0
 
 
+def test_rank_importance_follows_the_mean_square():
+    acts = torch.tensor([[1.0, 3.0, 0.0], [1.0, 3.0, 2.0]])  # mean squares 1, 9, 2
+    torch.testing.assert_close(rank_importance(acts, 0.5), torch.tensor([0.25, 1.0, 0.5]))
+
+
+def test_angle_between_arrows():
+    assert angle_degrees(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])) == pytest.approx(90.0)
+    assert angle_degrees(torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.01])) == pytest.approx(179.43, abs=0.01)
+
+
+def test_importance_weighting_moves_the_loss_shares():
+    """Two orthogonal features and one on the diagonal: weighting a feature's error up raises its share."""
+    ae = HiddenAutoencoder(3, 2)
+    with torch.no_grad():
+        ae.W.copy_(torch.tensor([[1.0, 0.0, 0.7], [0.0, 1.0, 0.7]]))
+        ae.b.zero_()
+    a = torch.rand(500, 3, generator=torch.Generator().manual_seed(0))
+    plain = loss_shares(ae, a)
+    weighted = loss_shares(ae, a, torch.tensor([1.0, 0.01, 0.01]))
+    assert float(weighted[0]) > float(plain[0]) + 0.2 and float(weighted.sum()) == pytest.approx(1.0)
+
+
 def tiny_config(**kw) -> MnistConfig:
     base = dict(classifier_epochs=8, ae_epochs=3, ae_repeats_per_epoch=2, ae_batch_size=64, sae_steps=150,
                 sae_batch_size=64, decoder_epochs=2, exp2_sparsity=0.9)
@@ -141,11 +164,15 @@ def test_every_experiment_writes_a_complete_results_json(test_set_only, tmp_path
     res = json.loads((out / "results.json").read_text())
     assert res["data"]["n_train"] == 240 and "split by seed" in res["data"]["split"]
     assert res["classifier"]["test_accuracy"] > 0.9  # the synthetic digits are learnable: training works
-    for exp in ("exp1", "exp2"):
+    for exp in ("exp1", "exp2", "exp1_weighted", "exp2_weighted"):
         assert len(res[exp]["per_epoch"]) == 3
         last = res[exp]["per_epoch"][-1]
-        assert len(last["arrows"]) == 49 and max(np.hypot(*zip(*last["arrows"]))) == pytest.approx(1.0, abs=1e-3)
+        lengths = np.hypot(*zip(*last["arrows"]))
+        assert len(last["arrows"]) == 49 and max(lengths) == pytest.approx(1.0, abs=1e-3)
         assert sum(last["loss_shares"]) == pytest.approx(1.0, abs=1e-3)
+        assert last["n_long"] == int((lengths > 0.5 + 1e-4).sum()) and 0 <= last["top2_angle_degrees"] <= 180
+        assert sorted(lengths)[-2] == pytest.approx(last["top2_lengths"][1], abs=1e-3)
+    assert res["exp1"]["importance"] is None and max(res["exp1_weighted"]["importance"]) == 1.0
     assert res["exp2"]["sparsity"] == 0.9
     e3 = res["exp3"]
     assert 0 <= e3["sae"]["dead_fraction"] <= 1 and e3["sae"]["l0_test"] > 0

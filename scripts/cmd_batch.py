@@ -40,6 +40,7 @@ def register(subparsers) -> None:
     m.add_argument("--features", default="all", help="dashboard jobs: all, a range 0-63 or a list 3,17")
     m.add_argument("--per-job", type=int, default=32, help="dashboard jobs: features per job (default 32)")
     m.add_argument("--n-tokens", type=int, default=None, help="dashboard jobs: held-out tokens per dashboard")
+    m.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     m.add_argument("--out", type=Path, required=True, help="the JSONL job file to write")
     m.set_defaults(handler=run_make_jobs)
 
@@ -73,6 +74,11 @@ def run_make_jobs(args: argparse.Namespace) -> int:
     from scripts.batch.jobs import write_jobs
     from scripts.batch.make_jobs import dashboard_jobs, parse_rule, trace_jobs
 
+    if args.threads <= 0:
+        raise ValueError(f"--threads must be positive, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
     if args.kind == "trace":
         rule = parse_rule(args.target_rule)
         options = {}

@@ -12,9 +12,11 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+# Also installs the `distributed` extra (Ray), pinned, so that the tests of `circuits batch run --backend ray` run.
+$(STAMP): requirements.lock pyproject.toml scripts/batch/requirements-distributed.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q -r scripts/batch/requirements-distributed.lock -c requirements.lock
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -249,3 +249,83 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_suite_dir, restore
 @pytest.mark.slow
 def test_sigkill_many_times_then_resume(tmp_path, tiny_suite_dir, restore_threads):
     kill_and_resume(tmp_path, tiny_suite_dir, n_jobs=80, n_kills=6, seed=2)
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+def test_summarize_counts_features_per_circuit(tmp_path, tiny_suite_dir, restore_threads):
+    from scripts.batch.summarize import summarize
+
+    jobs_path, out = tmp_path / "jobs.jsonl", tmp_path / "out"
+    write_jobs(jobs_path, tiny_jobs(10, failing=(2,)))
+    run_batch(jobs_path, out, config_for(tiny_suite_dir), progress=False)
+    s = summarize(out)
+    results = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
+    circuits = [r["circuit"] for r in results if r["status"] == "ok"]
+    assert s["counts"] == dict(results=10, ok=9, failed=1, trace_ok=9, dashboard_ok=0, feature_dashboards=0)
+    assert s["failures"][0]["id"] == "job-002" and "out of range" in s["failures"][0]["error"]
+    assert sum(g["n_circuits"] for g in s["circuits"]["by_target"].values()) == 9
+    assert "mlp0:3" in s["circuits"]["by_target"], "targets at different positions form one family"
+    for row in s["circuits"]["overall"]["features"]:
+        dictionary, feature = row["feature"].split(":")
+        kind = "attn_feature" if dictionary.startswith("attn") else "mlp_feature"
+        sums = [sum(n["influence"] for n in c["nodes"] if n["kind"] == kind and n["layer"] == int(dictionary[-1])
+                    and n["feature"] == int(feature)) for c in circuits
+                if any(n["kind"] == kind and n["layer"] == int(dictionary[-1]) and n["feature"] == int(feature) for n in c["nodes"])]
+        assert row["n_circuits"] == len(sums) and row["frequency"] == pytest.approx(len(sums) / 9)
+        assert row["mean_influence"] == pytest.approx(sum(sums) / len(sums), rel=1e-12, abs=1e-15)
+    assert json.loads((out / "summary.json").read_text())["counts"] == s["counts"]
+    page = (out / "summary.html").read_text()
+    assert "Plotly.newPlot" in page and 'src="http' not in page and len(page) > 1_000_000, "plotly.js inline, offline"
+
+
+def test_dashboard_jobs_and_their_index(tmp_path, tiny_suite_dir, restore_threads):
+    from scripts.batch.summarize import summarize
+
+    jobs = [dict(id="dash-mlp0-0000", kind="dashboard", dictionary="mlp0", features=[0, 5]),
+            dict(id="dash-bad", kind="dashboard", dictionary="mlp7", features=[0])]
+    write_jobs(tmp_path / "jobs.jsonl", jobs)
+    out = tmp_path / "out"
+    r = run_batch(tmp_path / "jobs.jsonl", out, config_for(tiny_suite_dir, n_tokens=1500), progress=False)
+    assert (r.ok, r.failed) == (1, 1)
+    bad = json.loads((out / "results" / "dash-bad.json").read_text())
+    assert "no dictionary 'mlp7'" in bad["error"]
+    good = json.loads((out / "results" / "dash-mlp0-0000.json").read_text())
+    assert [d["feature"] for d in good["dashboards"]] == [0, 5]
+    for d in good["dashboards"]:
+        assert (out / d["page"]).stat().st_size > 10_000 and 0 <= d["scorecard"]["specificity"] <= 1
+    s = summarize(out)
+    assert s["counts"]["feature_dashboards"] == 2
+    index = (out / "dashboards" / "index.html").read_text()
+    assert "href='dash-mlp0-0000/mlp0_f0.html'" in index and "href='dash-mlp0-0000/mlp0_f5.html'" in index
+
+
+# ---------------------------------------------------------------------------------------------- make-jobs
+def test_make_jobs_fires_rule_from_a_folder_and_a_dataset(tmp_path, tiny_suite_dir, restore_threads):
+    import datasets
+
+    from saes.dictionary import encode
+    from saes.mini_suite import load_mini
+    from scripts.batch.make_jobs import parse_rule, trace_jobs
+
+    texts = {"a.py": "".join(LINES[:6]), "b.txt": "\n" + "".join(LINES[6:]) + "\n\n" + "".join(LINES[:3])}
+    (tmp_path / "src").mkdir()
+    for name, text in texts.items():
+        (tmp_path / "src" / name).write_text(text)
+    suite = load_mini(tiny_suite_dir)
+    rule = parse_rule("fires:mlp0:3")
+    jobs = trace_jobs(suite, str(tmp_path / "src"), rule, max_jobs=500, max_tokens=12)
+    assert jobs and len({j["id"] for j in jobs}) == len(jobs)
+    snippets = {j["id"].split("-p")[0]: j["prompt"] for j in jobs}
+    for sid, prompt in snippets.items():
+        toks = suite.tokens(prompt)
+        assert toks.shape[1] <= 12 and any(prompt in t for t in texts.values())
+        _, cache = suite.model.run_with_cache(toks, names_filter="blocks.0.ln2.hook_normalized")
+        acts = encode(suite.transcoders[0], cache["blocks.0.ln2.hook_normalized"][0])[:, 3]
+        expected = [f"mlp0:3@{p}" for p in range(1, toks.shape[1]) if acts[p] > 0]
+        assert sorted(j["target"] for j in jobs if j["id"].startswith(sid + "-")) == sorted(expected)
+    datasets.Dataset.from_dict({"text": [texts["a.py"], texts["b.txt"]]}).save_to_disk(str(tmp_path / "ds"))
+    from_ds = trace_jobs(suite, f"hf-disk:{tmp_path / 'ds'}", rule, max_jobs=500, max_tokens=12)
+    assert [(j["id"], j["prompt"], j["target"]) for j in from_ds] == [(j["id"], j["prompt"], j["target"]) for j in jobs]
+    assert len(trace_jobs(suite, str(tmp_path / "src"), parse_rule("default"), max_jobs=3, max_tokens=12)) == 3
+    with pytest.raises(ValueError, match="is not a rule"):
+        parse_rule("every:import")

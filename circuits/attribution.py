@@ -118,15 +118,66 @@ class ReadingVectors:
 
 
 def reading_vectors(lm: LinearisedModel, targets: list[Target]) -> ReadingVectors:
-    """One backward pass for all of ``targets`` (step 1 of the module docstring)."""
-    resid = torch.zeros(len(targets), lm.n_pos, lm.cfg.d_model, dtype=lm.dtype, device=lm.device, requires_grad=True)
-    with torch.enable_grad():
-        h0 = read_targets(lm, targets, resid)
-        (g,) = torch.autograd.grad(h0.sum(), resid)
+    """One backward pass for all of ``targets`` (step 1 of the module docstring).
+
+    Feature readers, the bulk of every batch, take the backward pass of ``targets.read_targets`` written out
+    (``_feature_reading_vectors``: a centred, scaled encoder direction, through ``W_V`` and the frozen pattern
+    for attention features); any other target goes through autograd. Both give the same reading vectors.
+    """
+    g = torch.zeros(len(targets), lm.n_pos, lm.cfg.d_model, dtype=lm.dtype, device=lm.device)
+    h0 = torch.zeros(len(targets), dtype=lm.dtype, device=lm.device)
+    features = [b for b, t in enumerate(targets) if isinstance(t, FeatureTarget)]
+    others = [b for b, t in enumerate(targets) if not isinstance(t, FeatureTarget)]
+    if features:
+        with torch.no_grad():  # closed form: no graph, even where dictionary parameters require grad
+            _feature_reading_vectors(lm, [targets[b] for b in features], features, g, h0)
+    if others:
+        resid = torch.zeros(len(others), lm.n_pos, lm.cfg.d_model, dtype=lm.dtype, device=lm.device, requires_grad=True)
+        with torch.enable_grad():
+            h = read_targets(lm, [targets[b] for b in others], resid)
+            (g_others,) = torch.autograd.grad(h.sum(), resid)
+        rows = torch.tensor(others, device=lm.device)
+        g[rows], h0[rows] = g_others, h.detach()
     stage = torch.tensor([t.stage(lm) for t in targets], device=lm.device)
     sees = torch.arange(lm.final_stage, device=lm.device)[None, :] < stage[:, None]  # [batch, stage]
     const_writes = einsum(g.sum(1), lm._const_writes, "b d, s d -> b s")
-    return ReadingVectors(g, h0.detach() + (const_writes * sees).sum(-1), stage)
+    return ReadingVectors(g, h0 + (const_writes * sees).sum(-1), stage)
+
+
+def _feature_reading_vectors(lm: LinearisedModel, targets: list[FeatureTarget], rows: list[int],
+                             g: Float[Tensor, "batch pos d_model"], h0: Float[Tensor, "batch"]) -> None:
+    """Write the reading vectors and zero-residual values of feature readers into ``g[rows]`` and ``h0[rows]``.
+
+    The gradient of ``read_targets`` in closed form: LayerNorm with a frozen scale is ``(r - mean r) / scale``,
+    whose adjoint centres the reading direction and divides by the scale. A transcoder feature reads
+    ``(w - mean w) / scale2[q]`` at its own position q; an attention feature reads
+    ``sum_h pattern[h, q, k] (u_h - mean u_h) / scale1[k]`` at every key position k, ``u_h = W_V[h] w_h``.
+    """
+    by_dict: dict[tuple, list[int]] = {}
+    for j, t in enumerate(targets):
+        by_dict.setdefault((t.kind, t.layer, t.head), []).append(j)
+    for (kind, layer, head), js in by_dict.items():
+        dst = torch.tensor([rows[j] for j in js], device=lm.device)
+        pos = torch.tensor([targets[j].pos for j in js], device=lm.device)
+        feat = torch.tensor([targets[j].feature for j in js], device=lm.device)
+        sae = lm.dictionary(kind, layer)
+        w = rearrange(sae.W_enc[:, feat], "i r -> r i")
+        bias = sae.b_enc[feat] if head is None else torch.zeros_like(sae.b_enc[feat])  # b_enc belongs to no head
+        if kind == "mlp_feature":
+            g[dst, pos] = (w - w.mean(-1, keepdim=True)) / lm.scale_ln2[layer][pos][:, None]
+            h0[dst] = bias
+            continue
+        attn = lm.model.blocks[layer].attn
+        w_h = rearrange(w, "r (h e) -> r h e", h=lm.cfg.n_heads)
+        if head is not None:
+            keep = torch.zeros(lm.cfg.n_heads, 1, dtype=w.dtype, device=w.device)
+            keep[head] = 1
+            w_h = w_h * keep
+        u = value_read_directions(lm, layer, w_h)
+        u = u - u.mean(-1, keepdim=True)
+        pattern = rearrange(lm.patterns[layer][:, pos, :], "h r k -> r h k")
+        g[dst] = einsum(pattern, u, "r h k, r h d -> r k d") / lm.scale_ln1[layer][None, :, None]
+        h0[dst] = (pattern.sum(-1) * einsum(attn.b_V, w_h, "h e, r h e -> r h")).sum(-1) + bias
 
 
 def direct_effects(lm: LinearisedModel, index: NodeIndex, rv: ReadingVectors) -> Float[Tensor, "batch n"]:
@@ -146,6 +197,87 @@ def direct_effects(lm: LinearisedModel, index: NodeIndex, rv: ReadingVectors) ->
     pos, slot = flat // total, flat % total
     out[:, keep] = dots[:, pos, slot]
     return out
+
+
+@dataclass
+class KeptSources:
+    """The kept nodes as edge sources, and the summed writes of the dropped ones (for remainders).
+
+    ``writes`` holds ``a_s d_s`` of the kept nodes sorted by position (``segments``: (position, start, stop)
+    of each position that has any), ``stage`` their stages in that order, ``unsort`` puts columns back in
+    node-index order (that of ``cols``). ``dropped[t, p]`` is the sum of ``a_s d_s`` over the dropped nodes at
+    position p of stages below t: a reader of stage t with reading vector g gets ``sum_p g[p] . dropped[t, p]``
+    from them, which is the sum of their own direct effects (linearity of the dot product), without forming a
+    row of A over every node.
+    """
+
+    cols: Int[Tensor, "k"]
+    writes: Float[Tensor, "k d_model"]
+    stage: Int[Tensor, "k"]
+    unsort: Int[Tensor, "k"]
+    segments: list[tuple[int, int, int]]
+    dropped: Float[Tensor, "stages pos d_model"]
+
+
+def kept_sources(lm: LinearisedModel, index: NodeIndex, kept: Bool[Tensor, "n"]) -> KeptSources:
+    """Gather the kept nodes' writes by position, and sum the dropped nodes' writes by stage and position."""
+    cols = kept.nonzero()[:, 0]
+    order = torch.argsort(index.pos[cols], stable=True)
+    sorted_cols = cols[order]
+    writes = index.unit_writes(sorted_cols) * index.activation[sorted_cols][:, None]
+    counts = torch.bincount(index.pos[cols], minlength=lm.n_pos).tolist()
+    segments, start = [], 0
+    for p, c in enumerate(counts):
+        if c:
+            segments.append((p, start, start + c))
+        start += c
+    # Dropped writes: each group's write with only its dropped nodes switched on, summed per stage.
+    per_stage = torch.zeros(lm.final_stage + 1, lm.n_pos, lm.cfg.d_model, dtype=lm.dtype, device=lm.device)
+    for i, group in enumerate(lm.groups):
+        drop = torch.zeros(group.mask.numel(), dtype=torch.bool, device=lm.device)
+        drop[index.flat[i]] = ~kept[index.columns(i)]
+        drop = drop.view_as(group.mask)
+        if drop.any():
+            act = torch.where(drop, group.activation, torch.zeros_like(group.activation))
+            per_stage[group.stage + 1] += lm.write(group, act[None])[0]
+    return KeptSources(cols, writes, index.stage[sorted_cols], torch.argsort(order), segments,
+                       torch.cumsum(per_stage, 0))
+
+
+@dataclass
+class EdgeRows:
+    """In-edges of a batch of readers from the kept nodes, and the summed direct effect of the dropped ones."""
+
+    kept: Float[Tensor, "batch k"]  # A[b, s] for the kept sources s (columns as ``KeptSources.cols``)
+    remainder: Float[Tensor, "batch"]
+    constant: Float[Tensor, "batch"]
+
+
+def edge_rows(lm: LinearisedModel, sources: KeptSources, readers: list[Target]) -> EdgeRows:
+    """One backward pass for the readers, then their direct effects from the kept sources and the dropped sum.
+
+    Costs one product ``[batch, d_model] x [d_model, kept at p]`` per position that has kept nodes and one dot
+    per reader with the dropped writes, so it grows with the kept nodes, not with every active node.
+    """
+    rv = reading_vectors(lm, readers)
+    read = rv.g.ne(0).any(-1).any(0).tolist()  # positions any reader of the batch reads (g is 0 elsewhere)
+    kept = torch.zeros(len(readers), len(sources.cols), dtype=lm.dtype, device=lm.device)
+    for p, start, stop in sources.segments:
+        if read[p]:
+            torch.mm(rv.g[:, p], sources.writes[start:stop].T, out=kept[:, start:stop])
+    kept = torch.where(sources.stage[None, :] < rv.stage[:, None], kept, torch.zeros((), dtype=kept.dtype))
+    kept = kept[:, sources.unsort]
+    g_flat = rv.g.reshape(len(readers), -1)
+    dropped = sources.dropped.reshape(sources.dropped.shape[0], -1)
+    stages = rv.stage.unique().tolist()
+    if len(stages) == 1:
+        remainder = g_flat @ dropped[stages[0]]
+    else:
+        remainder = torch.empty(len(readers), dtype=lm.dtype, device=lm.device)
+        for t in stages:
+            rows = (rv.stage == t).nonzero()[:, 0]
+            remainder[rows] = g_flat[rows] @ dropped[t]
+    return EdgeRows(kept, remainder, rv.constant)
 
 
 @dataclass
@@ -271,26 +403,25 @@ def _attribute(lm: LinearisedModel, target: Target, threshold: float, batch_size
     n_r = len(readers)
     value = torch.empty(n_r, dtype=lm.dtype, device=lm.device)
     constant, remainder, residual = torch.empty_like(value), torch.empty_like(value), torch.empty_like(value)
+    sources = kept_sources(lm, index, hier.kept)
     src, dst, weight = [], [], []
     bar = tqdm(total=n_r, desc="edges", disable=not progress, leave=False)
     for start in range(0, n_r, batch_size):
         chunk = readers[start : start + batch_size]
-        rv = reading_vectors(lm, chunk)
-        A = direct_effects(lm, index, rv)  # [b, n]
+        e = edge_rows(lm, sources, chunk)
         rows = torch.arange(start, start + len(chunk), device=lm.device)
         v = index.clean_pre[reader_cols[rows].clamp(min=0)]
         if start == 0:
             v = v.clone()
             v[0] = hier.target_value
-        kept_part = torch.where(hier.kept[None, :], A, torch.zeros_like(A))
-        rem = (A - kept_part).sum(-1)  # from the dropped sources' own direct effects
-        kept_sum = kept_part.sum(-1)
-        value[rows], constant[rows], remainder[rows] = v, rv.constant, rem
-        residual[rows] = relative_residual(v, A.abs().sum(-1) + rv.constant.abs(), v - (kept_sum + rv.constant + rem))
-        b, s = kept_part.nonzero(as_tuple=True)
-        src.append(s)
+        kept_sum = e.kept.sum(-1)
+        value[rows], constant[rows], remainder[rows] = v, e.constant, e.remainder
+        terms_abs = e.kept.abs().sum(-1) + e.remainder.abs() + e.constant.abs()
+        residual[rows] = relative_residual(v, terms_abs, v - (kept_sum + e.constant + e.remainder))
+        b, s = e.kept.nonzero(as_tuple=True)
+        src.append(sources.cols[s])
         dst.append(rows[b])
-        weight.append(kept_part[b, s])
+        weight.append(e.kept[b, s])
         bar.update(len(chunk))
     bar.close()
     src_t, dst_t, w_t = torch.cat(src), torch.cat(dst), torch.cat(weight)

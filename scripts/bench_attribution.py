@@ -7,15 +7,21 @@
    ``gpt2-shapes``: GPT-2 small's shapes with random
    weights processed like GPT-2 and 24576-feature dictionaries whose encoder biases are set so that about 20
    to 60 features fire per position) and each prompt length:
-   a. direct-effect rows for N readers (active features of the last layers): batched (one backward pass per
-      ``--batch-size`` readers) and, in the same run at the shortest prompt, one backward pass per reader;
-   b. hierarchical attribution of the deepest layer's most active transcoder feature at a few thresholds
-      (time against kept nodes, to see that the cost grows about linearly with them).
+   a. the circuit of the deepest layer's most active transcoder feature at the largest threshold of
+      ``CIRCUIT_THRESHOLDS`` that keeps at least max(``--targets``) - 1 features; its readers are the target and
+      those features, as in ``attribute``. The edge step of ``attribute`` for the first N readers (their
+      in-edges from the kept nodes and the remainders from the dropped ones): batched (``--batch-size``
+      readers per backward pass) and, in the same run, one backward pass per reader (the same code with batch
+      size 1). The preparation of the kept sources, shared by both and done once per circuit, is its own row;
+   b. full direct-effect rows (every active node, not only kept ones) for N feature readers of the last two
+      layers, batched and, at the shortest prompt, one pass per reader;
+   c. ``attribute`` at a few thresholds (time against kept nodes, to see how the cost grows with them), and at
+      the circuit's threshold once more with one pass per reader (whole calls, hierarchical walk included).
 3. FLOPs are counted by ``torch.utils.flop_counter`` (matrix products and einsums, forward and backward) on a
-   separate, untimed run (for one pass per target: on 32 targets, scaled); the time is the best of up to three
-   runs (one when it takes over 2 s); peak memory is the process's resident memory sampled every 2 ms above its
-   level just before the run (glibc's mmap threshold is fixed so that freed tensors leave the resident set).
-   The table is printed (and written as JSON with ``--json``).
+   separate, untimed run (for full rows with one pass per target: on 32 targets, scaled); the time is the best
+   of up to three runs (one when it takes over 2 s); peak memory is the process's resident memory sampled every
+   2 ms above its level just before the run (glibc's mmap threshold is fixed so that freed tensors leave the
+   resident set). The table is printed (and written as JSON with ``--json``).
 """
 
 from __future__ import annotations
@@ -172,8 +178,32 @@ def direct_rows(lm, index, readers, batch_size):
             direct_effects(lm, index, reading_vectors(lm, readers[start : start + batch_size]))
 
 
+CIRCUIT_THRESHOLDS = (0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 0.0005, 0.0002, 0.0)
+
+
+def circuit_readers(lm, index, target, n: int):
+    """The circuit of ``target`` at the largest threshold keeping >= n - 1 features, and its readers (see 2a)."""
+    from circuits.attribution import hierarchical_attribution
+
+    with torch.no_grad():
+        for threshold in CIRCUIT_THRESHOLDS:
+            hier = hierarchical_attribution(lm, index, target, threshold)
+            features = [int(c) for c in hier.kept.nonzero()[:, 0] if lm.groups[int(index.group[c])].is_feature]
+            if len(features) + 1 >= n:
+                break
+    return threshold, hier, [target] + [index.feature_target(c) for c in features]
+
+
+def edges(lm, sources, readers, batch_size):
+    from circuits.attribution import edge_rows
+
+    with torch.no_grad():
+        for start in range(0, len(readers), batch_size):
+            edge_rows(lm, sources, readers[start : start + batch_size])
+
+
 def run(args) -> list[dict]:
-    from circuits.attribution import NodeIndex, attribute
+    from circuits.attribution import NodeIndex, attribute, kept_sources
     from circuits.linear_model import LinearisedModel
     from circuits.trace import default_target
 
@@ -181,7 +211,7 @@ def run(args) -> list[dict]:
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     rows: list[dict] = []
-    header = f"{'suite':<12}{'pos':>5}{'nodes':>8}  {'what':<34}{'targets':>8}{'time s':>9}{'peak MB':>9}{'GFLOP':>9}{'GFLOP/s':>9}{'% peak':>7}"
+    header = f"{'suite':<12}{'pos':>5}{'nodes':>8}  {'what':<44}{'targets':>8}{'time s':>9}{'peak MB':>9}{'GFLOP':>9}{'GFLOP/s':>9}{'% peak':>7}"
     print(header)
     print("-" * len(header))
 
@@ -189,7 +219,7 @@ def run(args) -> list[dict]:
         rows.append(row)
         rate = row["flops"] / row["seconds"] if row["seconds"] > 0 else float("nan")
         row["rate"] = rate
-        print(f"{row['suite']:<12}{row['pos']:>5}{row['nodes']:>8}  {row['what']:<34}{row['targets']:>8}{row['seconds']:>9.3f}"
+        print(f"{row['suite']:<12}{row['pos']:>5}{row['nodes']:>8}  {row['what']:<44}{row['targets']:>8}{row['seconds']:>9.3f}"
               f"{row['peak_bytes'] / 2**20:>9.1f}{row['flops'] / 1e9:>9.2f}{rate / 1e9:>9.2f}{100 * rate / peak:>7.1f}", flush=True)
 
     for name in args.suites:
@@ -224,35 +254,71 @@ def run(args) -> list[dict]:
             lo, med, hi = (float(counts.quantile(q)) for q in (0.05, 0.5, 0.95))
             print(f"# {name} pos={length}: {index.n} nodes; active features per position and dictionary: "
                   f"median {med:.0f}, 5-95% {lo:.0f}-{hi:.0f}")
+            target = default_target(lm)
+            thr, hier, circuit = circuit_readers(lm, index, target, max(args.targets))
+            kept = int(hier.kept.sum())
+            print(f"#   circuit of {target.spec} at threshold {thr:g}: {kept} kept nodes, {len(circuit)} readers")
+            holder = {}
+
+            def prepare():
+                with torch.no_grad():
+                    holder["s"] = kept_sources(lm, index, hier.kept)
+
+            flops = count_flops(prepare)
+            t, m = measure(prepare)
+            base = dict(suite=name, pos=length, nodes=index.n, kept=kept, circuit_threshold=thr)
+            report({**base, "targets": 0, "what": f"kept sources, {kept} kept (once)", "seconds": t, "peak_bytes": m, "flops": flops})
+            sources = holder["s"]
+            for n in args.targets:
+                readers = circuit[:n]
+                row = {**base, "targets": len(readers)}
+                flops = count_flops(lambda: edges(lm, sources, readers, args.batch_size))
+                t, m = measure(lambda: edges(lm, sources, readers, args.batch_size))
+                report({**row, "what": f"edges, batched ({args.batch_size}/pass)", "seconds": t, "peak_bytes": m, "flops": flops})
+                flops1 = count_flops(lambda: edges(lm, sources, readers, 1))
+                t1, m1 = measure(lambda: edges(lm, sources, readers, 1))
+                report({**row, "what": "edges, one pass per target", "seconds": t1, "peak_bytes": m1, "flops": flops1,
+                        "speedup_batched": t1 / t})
+                print(f"#   edges among {kept} kept nodes: batched is {t1 / t:.1f}x faster than one pass per target "
+                      f"at {len(readers)} targets")
+            del sources, holder
             for n in args.targets:
                 readers = readers_for(lm, n)
                 base = dict(suite=name, pos=length, nodes=index.n, targets=len(readers))
                 flops = count_flops(lambda: direct_rows(lm, index, readers, args.batch_size))
                 t, m = measure(lambda: direct_rows(lm, index, readers, args.batch_size))
-                report({**base, "what": f"direct rows, batched ({args.batch_size}/pass)", "seconds": t, "peak_bytes": m, "flops": flops})
+                report({**base, "what": f"all-node rows, batched ({args.batch_size}/pass)", "seconds": t, "peak_bytes": m, "flops": flops})
                 if length == min(args.lengths) or args.full:
                     # FLOPs of one pass per target: counted on the first 32 readers, scaled to all of them
                     # (counting them all would double a run that is slow by design).
                     sample = readers[:32]
                     flops1 = count_flops(lambda: direct_rows(lm, index, sample, 1)) * len(readers) / len(sample)
                     t1, m1 = measure(lambda: direct_rows(lm, index, readers, 1))
-                    report({**base, "what": "direct rows, one pass per target", "seconds": t1, "peak_bytes": m1, "flops": flops1,
+                    report({**base, "what": "all-node rows, one pass per target", "seconds": t1, "peak_bytes": m1, "flops": flops1,
                             "speedup_batched": t1 / t})
-                    print(f"#   batched is {t1 / t:.1f}x faster than one pass per target at {len(readers)} targets")
-            target = default_target(lm)
-            for threshold in args.thresholds:
+                    print(f"#   all-node rows: batched is {t1 / t:.1f}x faster than one pass per target at {len(readers)} targets")
+            runs = [(threshold, args.batch_size) for threshold in args.thresholds]
+            if length == min(args.lengths) or args.full:
+                runs += [r for r in ((thr, args.batch_size), (thr, 1)) if r not in runs]
+            seconds = {}
+            for threshold, batch_size in runs:
                 holder = {}
 
                 def full():
-                    holder["a"] = attribute(lm, target, threshold=threshold, batch_size=args.batch_size, progress=False)
+                    holder["a"] = attribute(lm, target, threshold=threshold, batch_size=batch_size, progress=False)
 
                 flops = count_flops(full)
                 t, m = measure(full)
+                seconds[threshold, batch_size] = t
                 a = holder["a"]
+                how = "one pass per target" if batch_size == 1 else f"{batch_size}/pass"
                 report(dict(suite=name, pos=length, nodes=index.n, targets=len(a.reader_cols),
-                            what=f"attribute thr={threshold:g}: {int(a.hierarchy.kept.sum())} kept",
+                            what=f"attribute thr={threshold:g}: {int(a.hierarchy.kept.sum())} kept, {how}",
                             seconds=t, peak_bytes=m, flops=flops, kept=int(a.hierarchy.kept.sum()), edges=len(a.edge_weight),
-                            max_relative_residual=a.max_relative_residual))
+                            batch_size=batch_size, max_relative_residual=a.max_relative_residual))
+            if (thr, 1) in seconds:
+                print(f"#   whole attribute at threshold {thr:g} (hierarchical walk included): batched is "
+                      f"{seconds[thr, 1] / seconds[thr, args.batch_size]:.1f}x faster than one pass per target")
             del lm, index
         del suite
     return rows
@@ -265,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lengths", nargs="+", type=int, default=[32, 128])
     p.add_argument("--targets", nargs="+", type=int, default=[16, 256])
     p.add_argument("--thresholds", nargs="+", type=float, default=[0.05, 0.02])
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=256, help="readers per backward pass in the batched runs")
     p.add_argument("--fire", type=int, default=40, help="features active per position in the gpt2-shapes dictionaries")
     p.add_argument("--full", action="store_true", help="time one pass per target at every prompt length, not only the shortest")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")

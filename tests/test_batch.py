@@ -117,7 +117,10 @@ def test_cli_errors_name_the_problem(tmp_path, tiny_suite_dir, capsys):
     assert "shard index 3 is out of range for 2 shards; K must be 0..1" in capsys.readouterr().err
     assert main(base + [str(tmp_path / "j.jsonl"), "--shard", "two"]) == 2
     assert "write it as K/N" in capsys.readouterr().err
-    assert not (tmp_path / "o" / "results").exists(), "nothing runs before the input is known to be good"
+    if not torch.cuda.is_available():
+        assert main(base + [str(tmp_path / "j.jsonl"), "--device", "cuda"]) == 2
+        assert "no CUDA device is available here; use --device cpu" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists(), "nothing runs, nothing is written, before the input is known to be good"
 
 
 @pytest.mark.parametrize("text,expected", [("0/1", (0, 1)), ("3/4", (3, 4)), (" 1 / 2 ", (1, 2)), (None, (0, 1))])
@@ -163,6 +166,8 @@ def test_run_resume_failures_and_manifest(tmp_path, tiny_suite_dir, restore_thre
 
     r = run_batch(jobs_path, out, cfg, progress=False)  # everything done: nothing runs, failures are not redone
     assert (r.ran, r.already_ok, r.already_failed, r.complete) == (0, 7, 1, True)
+    history = json.loads((out / "manifest.json").read_text())["history"]
+    assert [h["counts"]["ran"] for h in history] == [8] and history[0]["device"]["device"] == "cpu"
     r = run_batch(jobs_path, out, cfg, retry_failed=True, progress=False)
     assert (r.ran, r.failed) == (1, 1)
     assert result_bytes(out) == before, "a redone job gives the same bytes"

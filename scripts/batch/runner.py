@@ -5,8 +5,9 @@
    ``OUT/results/<id>.json`` parses and carries that key: ``ok``, or ``failed`` (redone only with
    ``retry_failed``). A missing, unreadable or stale result (other key) means the job runs. Temp files left by a
    killed write of this shard's jobs are removed.
-3. The manifest (``OUT/manifest.json``, or ``OUT/manifest-shard-K-of-N.json``) is written before the first job
-   and after the last, atomically: model, options, job-file hash, shard, counts, device, versions.
+3. The manifest (``OUT/manifest.json``, or ``OUT/manifest-shard-K-of-N.json``) is written before the first job,
+   every 30 s and after the last, atomically: model, options, job-file hash, shard, counts, device, versions, and
+   the earlier invocations on the same folder (``history``).
 4. The backend (``local``: one worker here; ``ray``: ``ray_backend.run_on_ray``) runs the pending jobs; each
    finished job updates the progress bar (done, failed, rate) and appends one line to ``OUT/logs/<tag>.events.jsonl``
    (timings live there, not in the results).
@@ -78,6 +79,20 @@ def versions() -> dict[str, str]:
     return out
 
 
+def previous_runs(mpath: Path, keep: int = 50) -> list[dict[str, Any]]:
+    """The earlier invocations on this folder and shard (a resumed run keeps what the killed ones did)."""
+    from saes.io import read_json
+
+    if not mpath.is_file():
+        return []
+    try:
+        old = read_json(mpath)
+    except ValueError:
+        return []
+    entry = {k: old.get(k) for k in ("started", "finished", "status", "jobs_sha256", "backend", "host", "device", "counts")}
+    return (old.get("history", []) + [entry])[-keep:]
+
+
 def plan_jobs(jobs_path: Path, out_dir: Path, config: RunConfig, shard: tuple[int, int], retry_failed: bool,
               report: BatchReport) -> list[dict[str, Any]]:
     """Steps 1 and 2: the keyed jobs of this shard that still have to run."""
@@ -114,10 +129,11 @@ def run_local(pending: list[dict[str, Any]], config: RunConfig, out_dir: Path, o
 class _Progress:
     """tqdm bar (jobs done, failed, rate) plus the events log; the caller can turn the bar off."""
 
-    def __init__(self, report: BatchReport, events: Path, show: bool):
+    def __init__(self, report: BatchReport, events: Path, show: bool, checkpoint: Callable[[], None], every_s: float = 30.0):
         from tqdm import tqdm
 
-        self.report = report
+        self.report, self.checkpoint, self.every_s = report, checkpoint, every_s
+        self.last_checkpoint = time.perf_counter()
         self.bar = tqdm(total=report.shard_jobs, initial=report.already_ok + report.already_failed, unit="job",
                         disable=not show, dynamic_ncols=True, file=sys.stderr)
         events.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +161,9 @@ class _Progress:
         self.events.flush()
         self.bar.update(1)
         self.bar.set_postfix(ok=r.already_ok + r.ok, failed=r.already_failed + r.failed, rate=f"{r.rate:.2f}/s", refresh=False)
+        if time.perf_counter() - self.last_checkpoint > self.every_s:  # a killed run's manifest still says how far it got
+            self.checkpoint()
+            self.last_checkpoint = time.perf_counter()
 
     def close(self) -> None:
         self.bar.close()
@@ -166,6 +185,10 @@ def run_batch(jobs_path: Path, out_dir: Path, config: RunConfig, shard: tuple[in
         from scripts.batch.ray_backend import require_ray
 
         require_ray()  # before any work, with the install hint
+    else:
+        from scripts.common import resolve_device
+
+        resolve_device(config.device)  # a missing GPU is refused before anything is written
     report = BatchReport()
     pending = plan_jobs(jobs_path, out_dir, config, shard, retry_failed, report)
     k, n = shard
@@ -177,6 +200,7 @@ def run_batch(jobs_path: Path, out_dir: Path, config: RunConfig, shard: tuple[in
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     mpath = manifest_path(out_dir, k, n)
+    manifest["history"] = previous_runs(mpath)
 
     def write_manifest(status: str) -> None:
         manifest.update(status=status, counts=report.counts(), device=report.device, failures=report.failures[:100],
@@ -184,7 +208,7 @@ def run_batch(jobs_path: Path, out_dir: Path, config: RunConfig, shard: tuple[in
         atomic_write_json(mpath, manifest)
 
     write_manifest("running")
-    bar = _Progress(report, out_dir / "logs" / f"{shard_tag(k, n)}.events.jsonl", progress)
+    bar = _Progress(report, out_dir / "logs" / f"{shard_tag(k, n)}.events.jsonl", progress, lambda: write_manifest("running"))
     try:
         if pending:
             if backend == "local":

@@ -348,20 +348,41 @@ def relative_residual(value: Tensor, terms_abs: Tensor, residual: Tensor) -> Ten
     return residual.abs() / scale
 
 
-def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], src: Tensor, dst: Tensor,
-                chunk: int = 4096) -> Float[Tensor, "e n_heads"]:
+def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], src: Tensor,
+                dst: Tensor) -> Float[Tensor, "e n_heads"]:
     """Per-head parts of edges into attention features (NaN for other edges).
 
     The per-head reading vector of an attention feature is ``pattern[h, q, k] (u_h - mean u_h) / scale1[k]`` with
     ``u_h = W_V[h] w_h`` (``targets.value_read_directions``); each edge's part through head h is its source's
-    write dotted with it. The parts sum to the edge, which comes from the autograd reading vector.
+    write dotted with it. The parts sum to the edge, which comes from the reading vector of ``reading_vectors``.
+    Per attention layer, one product of every reader's ``u`` with every source's write, then a gather at the
+    edges (rather than one ``u`` per edge).
     """
     n_heads = lm.cfg.n_heads
     parts = torch.full((len(src), n_heads), float("nan"), dtype=lm.dtype, device=lm.device)
-    is_attn = [isinstance(r, FeatureTarget) and r.kind == "attn_feature" and r.head is None for r in readers]
-    edges = torch.tensor(is_attn, device=lm.device)[dst].nonzero()[:, 0]
-    if len(edges) == 0:
-        return parts
+    layer_of = torch.tensor([r.layer if isinstance(r, FeatureTarget) and r.kind == "attn_feature" and r.head is None
+                             else -1 for r in readers], dtype=torch.long, device=lm.device)
+    edge_layer = layer_of[dst]
+    for L in layer_of.unique().tolist():
+        if L < 0:
+            continue
+        e = (edge_layer == L).nonzero()[:, 0]
+        if len(e) == 0:
+            continue
+        rows, r_local = torch.unique(dst[e], return_inverse=True)
+        cols, s_local = torch.unique(src[e], return_inverse=True)
+        q = torch.tensor([readers[j].pos for j in rows.tolist()], device=lm.device)
+        feat = torch.tensor([readers[j].feature for j in rows.tolist()], device=lm.device)
+        sae = lm.dictionary("attn_feature", L)
+        w_h = rearrange(sae.W_enc[:, feat], "(h e) r -> r h e", h=n_heads)
+        u = value_read_directions(lm, L, w_h)
+        u = u - u.mean(-1, keepdim=True)  # LayerNorm's centring, moved onto the reading side
+        writes = index.unit_writes(cols) * index.activation[cols][:, None]  # a_s d_s, once per source
+        dots = einsum(u, writes, "r h d, s d -> r s h")[r_local, s_local]  # [edges, heads]
+        k = index.pos[src[e]]
+        pattern = lm.patterns[L][:, q[r_local], k]  # [heads, edges]
+        parts[e] = dots * rearrange(pattern, "h e -> e h") / lm.scale_ln1[L][k][:, None]
+    return parts
     sources, local = torch.unique(src[edges], return_inverse=True)
     writes = index.unit_writes(sources) * index.activation[sources][:, None]  # a_s d_s, once per source
     for start in range(0, len(edges), chunk):

@@ -161,6 +161,7 @@ def test_run_resume_failures_and_manifest(tmp_path, tiny_suite_dir, restore_thre
     assert man["status"] == "complete" and man["model"] == "mini" and len(man["jobs_sha256"]) == 64
     assert man["shard"] == dict(k=0, n=1, tag="all") and man["device"]["device"] == "cpu" and man["device"]["dtype"] == "float32"
     assert man["counts"]["ok"] == 7 and man["counts"]["failed"] == 1 and "torch" in man["versions"]
+    assert man["counts"]["peak_memory_mb"] > 50, "resident memory of a process with torch loaded"
     assert man["failures"][0]["id"] == "job-003"
     before = result_bytes(out)
 

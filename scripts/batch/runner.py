@@ -47,6 +47,7 @@ class BatchReport:
     lost: int = 0  # jobs whose worker died (Ray); not written, so the next run does them
     temps_removed: int = 0
     run_seconds: float = 0.0
+    peak_memory_mb: float = 0.0  # the largest over workers: GPU memory allocated by torch, or process RSS on a CPU
     failures: list[dict[str, str]] = field(default_factory=list)
     device: dict[str, Any] = field(default_factory=dict)
 
@@ -156,6 +157,7 @@ class _Progress:
                 r.failed += 1
                 r.failures.append(dict(id=rec["id"], error=rec.get("error") or ""))
         r.run_seconds = time.perf_counter() - (self.t0 or time.perf_counter())
+        r.peak_memory_mb = max(r.peak_memory_mb, rec.get("peak_memory_mb") or 0.0)
         self.events.write(json.dumps(dict(id=rec["id"], status=rec["status"], seconds=round(rec.get("seconds", 0.0), 4),
                                           pid=rec.get("pid"), time=time.time())) + "\n")
         self.events.flush()
@@ -238,6 +240,9 @@ def format_report(report: BatchReport, out_dir: Path) -> str:
         f"{'rate (excluding load)':<28}{r.rate:>8.2f} jobs/s over {r.run_seconds:.1f} s" if r.ran else None,
         (f"{'device':<28}{dev.get('device')} ({dev.get('name')}), {dev.get('dtype')}, "
          f"{dev.get('batch_size')} readers per backward pass") if dev else None,
+        (f"{'peak memory':<28}{r.peak_memory_mb:>8.0f} MB "
+         f"({'GPU, allocated by torch' if str(dev.get('device', '')).startswith('cuda') else 'resident, largest worker'})")
+        if r.peak_memory_mb else None,
         f"{'status':<28}{'complete' if r.complete else 'INCOMPLETE: run the same command again'}",
     ]
     out = [s for s in lines if s]

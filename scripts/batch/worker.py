@@ -213,7 +213,17 @@ class BatchWorker:
         result = self.run(job, out_dir)
         atomic_write_json(result_path(out_dir, job["id"]), result)
         return dict(id=job["id"], status=result["status"], error=result.get("error"), seconds=time.perf_counter() - t0,
-                    pid=os.getpid())
+                    pid=os.getpid(), peak_memory_mb=self.peak_memory_mb())
+
+    def peak_memory_mb(self) -> float:
+        """Peak GPU memory allocated by torch on a GPU; peak resident memory of the process on a CPU."""
+        if self.plan.device.startswith("cuda"):
+            import torch
+
+            return round(torch.cuda.max_memory_allocated(self.plan.device) / 2**20, 1)
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
     def describe(self) -> dict[str, Any]:
         return {**asdict(self.plan), "load_seconds": round(self.load_seconds, 2)}

@@ -18,9 +18,13 @@ Algorithm (ATTRIBUTION.md sections 2, 3 and 5.1; Ge et al. 2024 for the hierarch
    stage add their weighted reading vectors to ``G`` with one batched backward pass. This gives
    ``T_s = A[t, s] + sum over kept k downstream of (T_k / a_k) A[k, s]``.
 4. *Edges.* The in-edges of the target and of every kept feature are rows of A restricted to kept sources,
-   computed in batches of readers. The part of a row from dropped sources is the reader's *remainder*, summed
-   from those sources' own direct effects. Edges into attention features are split by head with the closed-form
-   per-head reading vectors (``_head_parts``); the parts sum to the edge.
+   computed in batches of readers (``edge_rows``: one backward pass per batch, then one product per position
+   with the kept nodes' writes there). The part of a row from dropped sources is the reader's *remainder*:
+   the sum of those sources' own direct effects, taken as the reading vector dotted with the sum of their
+   writes (``KeptSources.dropped``, by stage and position), which is the same sum by linearity and never forms
+   a row over every active node. So the cost grows with the kept nodes, not with all of them. Edges into
+   attention features are split by head with the closed-form per-head reading vectors (``_head_parts``); the
+   parts sum to the edge.
 5. *Exactness certificate.* For every reader, the clean value from the real model's cache must equal
    ``sum of kept in-edges + constant + remainder``. The largest relative residual (divided by
    ``max(|h|, sum |terms|)``) is stored; above 1e-4 (float32) or 1e-9 (float64) an ``ExactnessError`` is raised.
@@ -161,7 +165,7 @@ def _feature_reading_vectors(lm: LinearisedModel, targets: list[FeatureTarget], 
         pos = torch.tensor([targets[j].pos for j in js], device=lm.device)
         feat = torch.tensor([targets[j].feature for j in js], device=lm.device)
         sae = lm.dictionary(kind, layer)
-        w = rearrange(sae.W_enc[:, feat], "i r -> r i")
+        w = sae.W_enc.index_select(1, feat).T  # a column gather; plain indexing is far slower
         bias = sae.b_enc[feat] if head is None else torch.zeros_like(sae.b_enc[feat])  # b_enc belongs to no head
         if kind == "mlp_feature":
             g[dst, pos] = (w - w.mean(-1, keepdim=True)) / lm.scale_ln2[layer][pos][:, None]
@@ -374,7 +378,7 @@ def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], sr
         q = torch.tensor([readers[j].pos for j in rows.tolist()], device=lm.device)
         feat = torch.tensor([readers[j].feature for j in rows.tolist()], device=lm.device)
         sae = lm.dictionary("attn_feature", L)
-        w_h = rearrange(sae.W_enc[:, feat], "(h e) r -> r h e", h=n_heads)
+        w_h = rearrange(sae.W_enc.index_select(1, feat), "(h e) r -> r h e", h=n_heads)
         u = value_read_directions(lm, L, w_h)
         u = u - u.mean(-1, keepdim=True)  # LayerNorm's centring, moved onto the reading side
         writes = index.unit_writes(cols) * index.activation[cols][:, None]  # a_s d_s, once per source
@@ -382,25 +386,6 @@ def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], sr
         k = index.pos[src[e]]
         pattern = lm.patterns[L][:, q[r_local], k]  # [heads, edges]
         parts[e] = dots * rearrange(pattern, "h e -> e h") / lm.scale_ln1[L][k][:, None]
-    return parts
-    sources, local = torch.unique(src[edges], return_inverse=True)
-    writes = index.unit_writes(sources) * index.activation[sources][:, None]  # a_s d_s, once per source
-    for start in range(0, len(edges), chunk):
-        e, loc = edges[start : start + chunk], local[start : start + chunk]
-        rs = [readers[int(d)] for d in dst[e]]
-        layer = torch.tensor([r.layer for r in rs], device=lm.device)
-        q = torch.tensor([r.pos for r in rs], device=lm.device)
-        feat = torch.tensor([r.feature for r in rs], device=lm.device)
-        k = index.pos[src[e]]
-        for L in layer.unique().tolist():
-            sel = (layer == L).nonzero()[:, 0]
-            sae = lm.dictionary("attn_feature", L)
-            w_h = rearrange(sae.W_enc[:, feat[sel]], "(h e) r -> r h e", h=n_heads)
-            u = value_read_directions(lm, L, w_h)
-            u = u - u.mean(-1, keepdim=True)  # LayerNorm's centring, moved onto the reading side
-            pattern = lm.patterns[L][:, q[sel], k[sel]]  # [heads, edges]
-            dots = einsum(u, writes[loc[sel]], "r h d, r d -> r h")
-            parts[e[sel]] = dots * rearrange(pattern, "h r -> r h") / lm.scale_ln1[L][k[sel]][:, None]
     return parts
 
 

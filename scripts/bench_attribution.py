@@ -335,7 +335,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fire", type=int, default=40, help="features active per position in the gpt2-shapes dictionaries")
     p.add_argument("--full", action="store_true", help="time one pass per target at every prompt length, not only the shortest")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice); on a shared, oversubscribed machine 1 "
+                        "avoids every small operation waiting for a descheduled second thread")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # A fixed mmap threshold makes glibc hand large freed tensors back to the OS, so that resident memory
         # follows live memory and the sampled peak means something; re-run this process with it set.

@@ -57,21 +57,30 @@ def train_config(name: str, base: TrainConfig = DICT_TRAIN) -> TrainConfig:
 
 
 def train_suite_dictionaries(model, rows: torch.Tensor, out_dir: Path, device: str = "cpu", progress: bool = True,
-                             train_cfg: TrainConfig = DICT_TRAIN, checkpoint_every: int = 200) -> dict[str, list]:
-    """Train every dictionary of the suite on activations of ``model`` over ``rows``; resumable from ``out_dir``."""
+                             train_cfg: TrainConfig = DICT_TRAIN, checkpoint_every: int = 200,
+                             specs: dict[str, DictionarySpec] | None = None,
+                             configs: dict[str, TrainConfig] | None = None) -> dict[str, list]:
+    """Train every dictionary of the suite on activations of ``model`` over ``rows``; resumable from ``out_dir``.
+
+    ``specs`` and ``configs`` replace the recipe's (``suite_specs``, ``train_config``) for a trial of other
+    settings (``scripts/try_dictionary.py``). A dictionary's initialisation seed is ``cfg.seed`` plus its
+    position in the suite's order (attn0, mlp0, attn1, ...), so retraining one alone reproduces it.
+    """
     from tqdm.auto import tqdm
 
     from saes.corpus import iterate_batches
     from saes.io import atomic_write_json, save_dictionary
 
     out_dir = Path(out_dir)
-    specs = suite_specs(model)
+    order = list(suite_specs(model))
+    specs = suite_specs(model) if specs is None else specs
     trainers: dict[str, DictionaryTrainer] = {}
-    for i, (name, spec) in enumerate(specs.items()):
+    for name, spec in specs.items():
         if (out_dir / name / "sae_weights.safetensors").is_file():
             continue  # finished earlier
-        cfg = train_config(name, train_cfg)
-        sae = build_dictionary(spec, seed=cfg.seed + i, device=device, context_size=model.cfg.n_ctx)
+        cfg = (configs or {}).get(name) or train_config(name, train_cfg)
+        offset = order.index(name) if name in order else len(order)
+        sae = build_dictionary(spec, seed=cfg.seed + offset, device=device, context_size=model.cfg.n_ctx)
         trainers[name] = DictionaryTrainer(sae, cfg)
         if (out_dir / name / "trainer.json").is_file():
             trainers[name].load_checkpoint(out_dir / name)
@@ -80,6 +89,7 @@ def train_suite_dictionaries(model, rows: torch.Tensor, out_dir: Path, device: s
     start = min(t.step_count for t in trainers.values())
     end = max(t.cfg.steps for t in trainers.values())
     hooks = sorted({h for n in trainers for h in (specs[n].hook_in, specs[n].hook_out)})
+    last_layer = max(specs[n].layer for n in trainers)  # the forward pass stops after it
     batches = iterate_batches(rows, DICT_BATCH_ROWS, seed=train_cfg.seed + 1)
     for _ in range(start):
         next(batches)
@@ -92,7 +102,7 @@ def train_suite_dictionaries(model, rows: torch.Tensor, out_dir: Path, device: s
             bar.update(1)
             continue
         with torch.no_grad():
-            _, cache = model.run_with_cache(batch, names_filter=lambda n: n in hooks)
+            _, cache = model.run_with_cache(batch, names_filter=lambda n: n in hooks, stop_at_layer=last_layer + 1)
         for name, trainer in active.items():
             spec = specs[name]
             x_in = cache[spec.hook_in]

@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--dim-hidden", type=int, default=20, help="m of the dimensionality sweep")
     p.add_argument("--dim-instances", type=int, default=10, help="sparsities in the dimensionality sweep")
     p.add_argument("--dim-batch-size", type=int, default=1024, help="batch of the dimensionality sweep (paper: 1024)")
+    p.add_argument("--dim-min-probability", type=float, default=0.05, help="sparsest 1 - S of the dimensionality sweep (from 1 down to this)")
     p.add_argument("--replicas", type=int, default=4, help="inits per sparsity of the n=5, m=2 sweep (the lowest-loss one is kept)")
     p.add_argument("--twenty-five-replicas", type=int, default=4, help="inits per sparsity of the n=20, m=5 sweep (the lowest-loss one is kept)")
     p.add_argument("--sae-steps", type=int, default=3000)
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     cfg = ToySuiteConfig(steps=args.steps, batch_size=args.batch_size, dim_features=args.dim_features,
                          dim_hidden=args.dim_hidden, dim_instances=args.dim_instances, dim_batch_size=args.dim_batch_size,
+                         dim_min_probability=args.dim_min_probability,
                          five_two_replicas=args.replicas, twenty_five_replicas=args.twenty_five_replicas, sae_steps=args.sae_steps, seed=args.seed)
     experiments = TOY_EXPERIMENTS if "all" in args.exp else tuple(e for e in TOY_EXPERIMENTS if e in args.exp)
     res = run_toy_suite(cfg, args.out, progress=not args.no_progress, png=not args.no_png, experiments=experiments)

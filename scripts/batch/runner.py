@@ -77,7 +77,25 @@ def versions() -> dict[str, str]:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
+    out.update(source_commit())
     return out
+
+
+def source_commit() -> dict[str, str]:
+    """The git commit of the code that ran, and whether the tree had local changes (results carry no code version:
+    a resumed run keeps results made by older code, so the manifest records which code ran)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    if head.returncode != 0:
+        return {}
+    return {"git_commit": head.stdout.strip(), "git_dirty": str(bool(dirty.stdout.strip())).lower()}
 
 
 def previous_runs(mpath: Path, keep: int = 50) -> list[dict[str, Any]]:

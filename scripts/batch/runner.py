@@ -261,6 +261,7 @@ def format_report(report: BatchReport, out_dir: Path) -> str:
         (f"{'peak memory':<28}{r.peak_memory_mb:>8.0f} MB "
          f"({'GPU, allocated by torch' if str(dev.get('device', '')).startswith('cuda') else 'resident, largest worker'})")
         if r.peak_memory_mb else None,
+        f"{'backend':<28}ray, {dev['workers']} workers on {', '.join(dev['devices'])}" if dev.get("backend") == "ray" else None,
         f"{'status':<28}{'complete' if r.complete else 'INCOMPLETE: run the same command again'}",
     ]
     out = [s for s in lines if s]

@@ -264,7 +264,11 @@ def edge_rows(lm: LinearisedModel, sources: KeptSources, readers: list[Target]) 
     per reader with the dropped writes, so it grows with the kept nodes, not with every active node.
     """
     rv = reading_vectors(lm, readers)
-    read = rv.g.ne(0).any(-1).any(0).tolist()  # positions any reader of the batch reads (g is 0 elsewhere)
+    # Positions any reader of the batch may read (g is exactly 0 elsewhere): a transcoder feature reads its own
+    # position, any other reader at most the positions up to its own (attention is causal).
+    reach = max((t.max_pos for t in readers if not (isinstance(t, FeatureTarget) and t.kind == "mlp_feature")), default=-1)
+    own = {t.pos for t in readers if isinstance(t, FeatureTarget) and t.kind == "mlp_feature"}
+    read = [p <= reach or p in own for p in range(lm.n_pos)]
     kept = torch.zeros(len(readers), len(sources.cols), dtype=lm.dtype, device=lm.device)
     for p, start, stop in sources.segments:
         if read[p]:
@@ -316,12 +320,16 @@ def hierarchical_attribution(lm: LinearisedModel, index: NodeIndex, target: Targ
             kept[cols] = keep.flatten()[index.flat[i]]
             if group.is_feature and keep.any():
                 # The kept features pass on (T_k / a_k) times their own reading vectors; dropped ones pass nothing.
-                weight = torch.where(keep, T / torch.where(keep, group.activation, torch.ones_like(T)), torch.zeros_like(T))
-                resid = torch.zeros_like(G, requires_grad=True)
-                with torch.enable_grad():
-                    pre = lm.group_pre(group, resid)
-                    (g,) = torch.autograd.grad((pre[0] * weight).sum(), resid)
-                G_stage = G_stage + g
+                # One batched backward pass over the kept features of the group (closed form, as for edges).
+                p_k, j_k = keep.nonzero(as_tuple=True)
+                feats = group.feature[p_k, j_k].tolist()
+                readers = [FeatureTarget(group.kind, group.layer, f, p) for f, p in zip(feats, p_k.tolist())]
+                g = torch.zeros(len(readers), lm.n_pos, lm.cfg.d_model, dtype=lm.dtype, device=lm.device)
+                h0 = torch.zeros(len(readers), dtype=lm.dtype, device=lm.device)
+                with torch.no_grad():
+                    _feature_reading_vectors(lm, readers, list(range(len(readers))), g, h0)
+                weight = T[p_k, j_k] / group.activation[p_k, j_k]
+                G_stage = G_stage + einsum(weight, g, "k, k p d -> p d")[None]
         G = G + G_stage  # after the whole stage: nodes of one stage do not read each other
     return Hierarchy(kept, influence, h)
 

@@ -113,8 +113,18 @@ def check_fits(model, sae) -> None:
                 f"the dictionary was trained for another model"
             )
     meta_model = spec.model_name
-    if meta_model and name and meta_model != name:
+    if meta_model and name and _official_name(meta_model) != _official_name(name):
         log.warning("dictionary %s says it was trained on %r, the model is %r", spec.name, meta_model, name)
+
+
+def _official_name(name: str) -> str:
+    """TransformerLens's model name for an alias (``gpt2-small`` -> ``gpt2``, what ``model.cfg.model_name`` holds)."""
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        return get_official_model_name(name).split("/")[-1]
+    except ValueError:
+        return name
 
 
 def load_suite(name: str, device: str | torch.device = "cpu", path: Path | None = None) -> Suite:

@@ -42,7 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuits.linear_model import LinearisedModel
-from circuits.targets import FeatureTarget, Target, read_targets, value_read_directions
+from circuits.targets import FeatureTarget, Target, read_targets, split_heads, value_read_directions
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +172,7 @@ def _feature_reading_vectors(lm: LinearisedModel, targets: list[FeatureTarget], 
             h0[dst] = bias
             continue
         attn = lm.model.blocks[layer].attn
-        w_h = rearrange(w, "r (h e) -> r h e", h=lm.cfg.n_heads)
-        if head is not None:
-            keep = torch.zeros(lm.cfg.n_heads, 1, dtype=w.dtype, device=w.device)
-            keep[head] = 1
-            w_h = w_h * keep
+        w_h = split_heads(lm, w, head)
         u = value_read_directions(lm, layer, w_h)
         u = u - u.mean(-1, keepdim=True)
         pattern = rearrange(lm.patterns[layer][:, pos, :], "h r k -> r h k")

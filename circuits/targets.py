@@ -234,11 +234,7 @@ def read_targets(lm: "LinearisedModel", targets: Sequence[Target],
             # Contract the encoder direction into W_V first: pre = sum_{h,k} pattern[h,q,k] x[k] . (W_V[h] w_h)
             # + b_V terms, which never forms v or z at every position (a large saving for batched reads).
             attn = lm.model.blocks[layer].attn
-            w_h = rearrange(w, "r (h e) -> r h e", h=lm.cfg.n_heads)
-            if head is not None:
-                keep = torch.zeros(lm.cfg.n_heads, 1, dtype=w.dtype, device=w.device)
-                keep[head] = 1
-                w_h = w_h * keep
+            w_h = split_heads(lm, w, head)
             u = value_read_directions(lm, layer, w_h)
             pattern = rearrange(lm.patterns[layer][:, pos, :], "h r k -> r h k")
             x = lm.ln(r, lm.scale_ln1[layer])
@@ -247,6 +243,17 @@ def read_targets(lm: "LinearisedModel", targets: Sequence[Target],
         for j, b in enumerate(rows):
             out[b] = vals[j]
     return torch.stack(out)
+
+
+def split_heads(lm: "LinearisedModel", w: Float[Tensor, "rows d_in"],
+                head: int | None = None) -> Float[Tensor, "rows n_heads d_head"]:
+    """Encoder columns of attention features split by head; with ``head``, every other head's slice zeroed."""
+    w_h = rearrange(w, "r (h e) -> r h e", h=lm.cfg.n_heads)
+    if head is None:
+        return w_h
+    keep = torch.zeros(lm.cfg.n_heads, 1, dtype=w.dtype, device=w.device)
+    keep[head] = 1
+    return w_h * keep
 
 
 def value_read_directions(lm: "LinearisedModel", layer: int,

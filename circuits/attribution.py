@@ -121,17 +121,20 @@ class ReadingVectors:
     stage: Int[Tensor, "batch"]
 
 
-def reading_vectors(lm: LinearisedModel, targets: list[Target]) -> ReadingVectors:
+def reading_vectors(lm: LinearisedModel, targets: list[Target], autograd: bool = False) -> ReadingVectors:
     """One backward pass for all of ``targets`` (step 1 of the module docstring).
 
     Feature readers, the bulk of every batch, take the backward pass of ``targets.read_targets`` written out
     (``_feature_reading_vectors``: a centred, scaled encoder direction, through ``W_V`` and the frozen pattern
-    for attention features); any other target goes through autograd. Both give the same reading vectors.
+    for attention features); any other target, or every target with ``autograd=True``, goes through a real
+    backward pass. Both give the same reading vectors (a test); the benchmark uses ``autograd`` as its naive
+    baseline, one backward pass per target.
     """
     g = torch.zeros(len(targets), lm.n_pos, lm.cfg.d_model, dtype=lm.dtype, device=lm.device)
     h0 = torch.zeros(len(targets), dtype=lm.dtype, device=lm.device)
-    features = [b for b, t in enumerate(targets) if isinstance(t, FeatureTarget)]
-    others = [b for b, t in enumerate(targets) if not isinstance(t, FeatureTarget)]
+    closed = (lambda t: False) if autograd else (lambda t: isinstance(t, FeatureTarget))
+    features = [b for b, t in enumerate(targets) if closed(t)]
+    others = [b for b, t in enumerate(targets) if not closed(t)]
     if features:
         with torch.no_grad():  # closed form: no graph, even where dictionary parameters require grad
             _feature_reading_vectors(lm, [targets[b] for b in features], features, g, h0)
@@ -253,13 +256,14 @@ class EdgeRows:
     constant: Float[Tensor, "batch"]
 
 
-def edge_rows(lm: LinearisedModel, sources: KeptSources, readers: list[Target]) -> EdgeRows:
+def edge_rows(lm: LinearisedModel, sources: KeptSources, readers: list[Target], autograd: bool = False) -> EdgeRows:
     """One backward pass for the readers, then their direct effects from the kept sources and the dropped sum.
 
     Costs one product ``[batch, d_model] x [d_model, kept at p]`` per position that has kept nodes and one dot
     per reader with the dropped writes, so it grows with the kept nodes, not with every active node.
+    ``autograd`` as in ``reading_vectors``.
     """
-    rv = reading_vectors(lm, readers)
+    rv = reading_vectors(lm, readers, autograd=autograd)
     # Positions any reader of the batch may read (g is exactly 0 elsewhere): a transcoder feature reads its own
     # position, any other reader at most the positions up to its own (attention is causal).
     reach = max((t.max_pos for t in readers if not (isinstance(t, FeatureTarget) and t.kind == "mlp_feature")), default=-1)

@@ -194,12 +194,12 @@ def circuit_readers(lm, index, target, n: int):
     return threshold, hier, [target] + [index.feature_target(c) for c in features]
 
 
-def edges(lm, sources, readers, batch_size):
+def edges(lm, sources, readers, batch_size, autograd=False):
     from circuits.attribution import edge_rows
 
     with torch.no_grad():
         for start in range(0, len(readers), batch_size):
-            edge_rows(lm, sources, readers[start : start + batch_size])
+            edge_rows(lm, sources, readers[start : start + batch_size], autograd=autograd)
 
 
 def run(args) -> list[dict]:
@@ -281,6 +281,13 @@ def run(args) -> list[dict]:
                         "speedup_batched": t1 / t})
                 print(f"#   edges among {kept} kept nodes: batched is {t1 / t:.1f}x faster than one pass per target "
                       f"at {len(readers)} targets")
+                # The naive method: one autograd backward pass through the linearised model per target.
+                flops2 = count_flops(lambda: edges(lm, sources, readers, 1, autograd=True))
+                t2, m2 = measure(lambda: edges(lm, sources, readers, 1, autograd=True))
+                report({**row, "what": "edges, one autograd backward per target", "seconds": t2, "peak_bytes": m2,
+                        "flops": flops2, "speedup_batched": t2 / t})
+                print(f"#   edges among {kept} kept nodes: batched is {t2 / t:.1f}x faster than one autograd backward "
+                      f"pass per target at {len(readers)} targets")
             del sources, holder
             for n in args.targets:
                 readers = readers_for(lm, n)

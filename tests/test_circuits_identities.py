@@ -338,6 +338,19 @@ def test_rows_do_not_depend_on_batch_size_or_order(lm, suite):
     assert torch.allclose(small.edge_weight, big.edge_weight, atol=1e-12, rtol=1e-10)
 
 
+def test_closed_form_reading_vectors_equal_a_real_backward_pass(lm, suite):
+    """The feature readers' closed form (no autograd) against autograd through ``read_targets``, per head too."""
+    readers = ([active_feature(lm, kind, layer, rank=r) for kind in ("mlp_feature", "attn_feature")
+                for layer in range(lm.n_layers) for r in range(2)]
+               + [active_feature(lm, "mlp_feature", 0, pos=1), active_feature(lm, "attn_feature", 1, pos=2)])
+    readers.append(FeatureTarget("attn_feature", 1, readers[-1].feature, readers[-1].pos, head=1))
+    closed, real = reading_vectors(lm, readers), reading_vectors(lm, readers, autograd=True)
+    assert closed.g.abs().max() > 0
+    assert torch.allclose(closed.g, real.g, atol=1e-12, rtol=1e-10)
+    assert torch.allclose(closed.constant, real.constant, atol=1e-12, rtol=1e-10)
+    assert torch.equal(closed.stage, real.stage)
+
+
 # ---------------------------------------------------------------------------------- 6. error-free limit
 def exact_suite(seed=0):
     """Attention SAEs [I, -I] (relu(x) - relu(-x) = x) and transcoders that are the (ReLU) MLPs themselves."""

@@ -23,8 +23,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RESULTS = "results"
-CPU_BATCH_SIZE = 64  # readers per backward pass; the circuits benchmark's best on 2 CPU cores
-CUDA_BATCH_SIZE = 512  # 38 MB per 64 readers at GPT-2-small shapes (README), so ~0.3 GB: small for any GPU
+CPU_BATCH_SIZE = 64  # readers per backward pass; the default of `circuits trace` (the benchmark uses 256)
+CUDA_BATCH_SIZE = 512  # the edge step of 256 readers takes 33 MB at GPT-2-small shapes (README), so 512 is small for any GPU
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuits.linear_model import LinearisedModel
-from circuits.targets import FeatureTarget, Target, read_targets, split_heads, value_read_directions
+from circuits.targets import FeatureTarget, Target, read_targets, split_heads
 
 log = logging.getLogger(__name__)
 
@@ -185,28 +185,32 @@ def compact_reading_vectors(lm: LinearisedModel, targets: list[Target], autograd
     opts = dict(dtype=lm.dtype, device=lm.device)
     stages = [t.stage(lm) for t in targets]
     closed = [not autograd and isinstance(t, FeatureTarget) for t in targets]
-    local_rows = sorted((b for b in range(n) if closed[b] and targets[b].kind == "mlp_feature"), key=lambda b: targets[b].pos)
+    is_local = [c and t.kind == "mlp_feature" for c, t in zip(closed, targets)]
+    local_rows = sorted((b for b in range(n) if is_local[b]), key=lambda b: targets[b].pos)
     # Spread readers sorted by stage, each dictionary's closed-form readers (and head) one contiguous block.
     head_key = lambda t: -1 if t.head is None else t.head
-    spread_rows = sorted((b for b in range(n) if not (closed[b] and targets[b].kind == "mlp_feature")),
+    spread_rows = sorted((b for b in range(n) if not is_local[b]),
                          key=lambda b: (stages[b], 0, head_key(targets[b]), b) if closed[b] else (stages[b], 1, 0, b))
     local = torch.empty(len(local_rows), d, **opts)
     spread = torch.empty(len(spread_rows), n_pos, d, **opts)
     h0 = torch.zeros(n, **opts)  # the reader's value at a zero residual
-    g_sum = torch.zeros(n, d, **opts)  # the reading vector summed over positions (it meets the constant writes)
+    # The reading vector summed over positions, dotted with the constant writes of the stages the reader sees.
+    below = torch.cat([torch.zeros(1, d, **opts), torch.cumsum(lm._const_writes, 0)])  # constant writes below each stage
+    const_dot = torch.zeros(n, **opts)
     with torch.no_grad():  # closed form: no graph, even where dictionary parameters require grad
         by_dict: dict[tuple, list[int]] = defaultdict(list)
         for i, b in enumerate(local_rows):
             by_dict[targets[b].layer, targets[b].head].append(i)
         for (layer, head), idx in by_dict.items():
             rows = [local_rows[i] for i in idx]
-            pos = torch.tensor([targets[b].pos for b in rows], device=lm.device)
             feat = torch.tensor([targets[b].feature for b in rows], device=lm.device)
-            sae = lm.dictionary("mlp_feature", layer)
-            w = sae.W_enc.index_select(1, feat).T  # a column gather; plain indexing is far slower
+            local[idx] = lm.encoder_rows("mlp_feature", layer, feat)
+            h0[rows] = lm.dictionary("mlp_feature", layer).b_enc[feat] if head is None else 0.0  # b_enc belongs to no head
+        if local_rows:
             # LayerNorm with a frozen scale is (r - mean r) / scale: its adjoint centres and divides.
-            local[idx] = (w - w.mean(-1, keepdim=True)) / lm.scale_ln2[layer][pos][:, None]
-            h0[rows] = sae.b_enc[feat] if head is None else 0.0  # b_enc belongs to no head
+            layer = torch.tensor([targets[b].layer for b in local_rows], device=lm.device)
+            pos = torch.tensor([targets[b].pos for b in local_rows], device=lm.device)
+            local.sub_(local.mean(-1, keepdim=True)).div_(lm.scale_ln2[layer, pos][:, None])
         for key, run in _runs(spread_rows, lambda b: (stages[b], head_key(targets[b])) if closed[b] else None):
             if key is None:
                 continue
@@ -216,16 +220,20 @@ def compact_reading_vectors(lm: LinearisedModel, targets: list[Target], autograd
             q = torch.tensor([targets[r].pos for r in rows], device=lm.device)
             feat = torch.tensor([targets[r].feature for r in rows], device=lm.device)
             sae = lm.dictionary("attn_feature", layer)
-            w_h = split_heads(lm, sae.W_enc.index_select(1, feat).T, head)
-            u = value_read_directions(lm, layer, w_h)
-            u = u - u.mean(-1, keepdim=True)  # LayerNorm's centring, moved onto the reading side
+            w_h = split_heads(lm, lm.encoder_rows("attn_feature", layer, feat), head)
+            # u_h = W_V[h] w_h with LayerNorm's centring moved onto the reading side (``value_reader``)
+            value_reader = lm.value_reader(layer)
+            u = torch.bmm(w_h.transpose(0, 1).contiguous(), value_reader)  # [head, reader, d_model]
             pattern = lm.patterns[layer][:, q, :]  # [head, reader, key]
             # g[k] = sum_h pattern[h, q, k] u_h / scale1[k]: one batched product per dictionary
-            weights = rearrange(pattern / lm.scale_ln1[layer], "h r k -> r k h")
-            torch.bmm(weights, u, out=spread[a:b])
-            g_sum[rows] = einsum(weights.sum(1), u, "r h, r h d -> r d")
-            b_v = einsum(lm.model.blocks[layer].attn.b_V, w_h, "h e, r h e -> r h")
-            h0[rows] = (pattern.sum(-1).T * b_v).sum(-1) + (sae.b_enc[feat] if head is None else 0.0)
+            weights = (pattern / lm.scale_ln1[layer]).permute(1, 2, 0)  # [reader, key, head]
+            torch.bmm(weights, u.transpose(0, 1), out=spread[a:b])
+            # Per head, w_h . b_V[h] is the value bias read at every key (weighted by the pattern), and
+            # u_h . below = w_h . (value_reader[h] below) the constant writes read at every key (they are the same
+            # at every position; weighted by pattern / scale1): both in d_head, without forming g summed over keys.
+            dots = einsum(w_h, lm.value_biases(layer), "r h e, c h e -> c r h")
+            h0[rows] = (pattern.sum(-1).T * dots[0]).sum(-1) + (sae.b_enc[feat] if head is None else 0.0)
+            const_dot[rows] = (weights.sum(1) * dots[1]).sum(-1)
     others = [j for j, b in enumerate(spread_rows) if not closed[b]]
     if others:
         rows = [spread_rows[j] for j in others]
@@ -234,12 +242,12 @@ def compact_reading_vectors(lm: LinearisedModel, targets: list[Target], autograd
             h = read_targets(lm, [targets[b] for b in rows], resid)
             (g,) = torch.autograd.grad(h.sum(), resid)
         spread[others] = g
-        h0[rows], g_sum[rows] = h.detach(), g.sum(1)
-    if local_rows:
-        g_sum[local_rows] = local
+        h0[rows] = h.detach()
+        const_dot[rows] = (g.sum(1) * below[[stages[b] for b in rows]]).sum(-1)
     stage = torch.tensor(stages, device=lm.device)
-    below = torch.cat([torch.zeros(1, d, **opts), torch.cumsum(lm._const_writes, 0)])  # constant writes below each stage
-    constant = h0 + (g_sum * below[stage]).sum(-1)
+    if local_rows:
+        const_dot[local_rows] = (local @ below.T).gather(1, stage[local_rows][:, None])[:, 0]
+    constant = h0 + const_dot
     # A transcoder feature reads its own position (even when its reading vector comes from autograd); any other
     # reader at most the positions up to its own (attention is causal).
     reads_one = lambda t: isinstance(t, FeatureTarget) and t.kind == "mlp_feature"
@@ -376,10 +384,13 @@ def edge_rows(lm: LinearisedModel, sources: KeptSources, readers: list[Target], 
             a, b = run[0], run[-1] + 1
             rem[a:b] = spread[a:b].flatten(1) @ sources.dropped[t].flatten()
         remainder[rv.spread_rows] = rem
-    kept = torch.empty(n, k, **opts)  # batch rows, node-index columns
-    kept[rv.spread_rows] = spread_T.index_select(0, sources.unsort).T
-    kept[rv.local_rows] = local.index_select(1, sources.unsort)
-    kept = torch.where(sources.stage[sources.unsort][None, :] < rv.stage[:, None], kept, torch.zeros((), **opts))
+    # Batch rows and source columns in position order, then the sources a reader cannot see zeroed, then the
+    # columns put back in node-index order.
+    kept = torch.empty(n, k, **opts)
+    kept[rv.spread_rows] = spread_T.T
+    kept[rv.local_rows] = local
+    kept.masked_fill_(sources.stage[None, :] >= rv.stage[:, None], 0.0)
+    kept = kept.index_select(1, sources.unsort)
     return EdgeRows(kept, remainder, rv.constant)
 
 
@@ -456,7 +467,7 @@ def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], sr
     """Per-head parts of edges into attention features (NaN for other edges).
 
     The per-head reading vector of an attention feature is ``pattern[h, q, k] (u_h - mean u_h) / scale1[k]`` with
-    ``u_h = W_V[h] w_h`` (``targets.value_read_directions``); each edge's part through head h is its source's
+    ``u_h = W_V[h] w_h`` (centred: ``LinearisedModel.value_reader``); each edge's part through head h is its source's
     write dotted with it. The parts sum to the edge, which comes from the reading vector of ``reading_vectors``.
     Per attention layer, one product of every reader's ``u`` with every source's write, then a gather at the
     edges (rather than one ``u`` per edge).
@@ -476,12 +487,10 @@ def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], sr
         cols, s_local = torch.unique(src[e], return_inverse=True)
         q = torch.tensor([readers[j].pos for j in rows.tolist()], device=lm.device)
         feat = torch.tensor([readers[j].feature for j in rows.tolist()], device=lm.device)
-        sae = lm.dictionary("attn_feature", L)
-        w_h = rearrange(sae.W_enc.index_select(1, feat), "(h e) r -> r h e", h=n_heads)
-        u = value_read_directions(lm, L, w_h)
-        u = u - u.mean(-1, keepdim=True)  # LayerNorm's centring, moved onto the reading side
+        w_h = split_heads(lm, lm.encoder_rows("attn_feature", L, feat))
+        u = torch.bmm(w_h.transpose(0, 1), lm.value_reader(L))  # [head, reader, d_model], centred (``value_reader``)
         writes = index.unit_writes(cols) * index.activation[cols][:, None]  # a_s d_s, once per source
-        dots = einsum(u, writes, "r h d, s d -> r s h")[r_local, s_local]  # [edges, heads]
+        dots = einsum(u, writes, "h r d, s d -> r s h")[r_local, s_local]  # [edges, heads]
         k = index.pos[src[e]]
         pattern = lm.patterns[L][:, q[r_local], k]  # [heads, edges]
         parts[e] = dots * rearrange(pattern, "h e -> e h") / lm.scale_ln1[L][k][:, None]

@@ -27,6 +27,7 @@ so that batched contractions never materialise a ``[batch, nodes, d_model]`` ten
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -107,6 +108,25 @@ def _vector_group(kind: NodeKind, layer: int, stage: int, vectors: Float[Tensor,
     )
 
 
+_BY_FEATURE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int, Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def encoder_by_feature(sae: torch.nn.Module) -> Float[Tensor, "d_sae d_in"]:
+    """A contiguous copy of ``sae.W_enc.T``, cached with the dictionary while ``W_enc`` is unchanged.
+
+    The cache holds one more copy of each encoder that attribution reads (for GPT-2 small's 24 dictionaries of
+    24,576 features, 1.8 GB in float32); it is dropped with the dictionary, and remade when ``W_enc`` is modified
+    in place or replaced (its version counter or storage changes).
+    """
+    W = sae.W_enc
+    key = (W._version, W.data_ptr())
+    hit = _BY_FEATURE.get(sae)
+    if hit is None or hit[:2] != key:
+        hit = (*key, W.detach().T.contiguous())
+        _BY_FEATURE[sae] = hit
+    return hit[2]
+
+
 class LinearisedModel:
     """A suite frozen at one prompt's clean pass (see the module docstring).
 
@@ -141,6 +161,8 @@ class LinearisedModel:
         self._build_groups()
         self._build_table()
         self._const_writes = self._constant_writes()
+        self._value_readers: dict[int, Tensor] = {}
+        self._value_biases: dict[int, Tensor] = {}
 
     # ------------------------------------------------------------------ construction
     def W_O_flat(self, layer: int) -> Float[Tensor, "hd d_model"]:
@@ -219,6 +241,37 @@ class LinearisedModel:
 
     def dictionary(self, kind: str, layer: int):
         return self.suite.attn_saes[layer] if kind == "attn_feature" else self.suite.transcoders[layer]
+
+    def encoder_rows(self, kind: str, layer: int, feature: Int[Tensor, "r"]) -> Float[Tensor, "r d_in"]:
+        """``W_enc[:, feature].T`` of a dictionary: the encoder columns of some features, one row each.
+
+        ``W_enc`` is stored ``[d_in, d_sae]``, so one feature's column is ``d_in`` reads ``d_sae`` elements apart;
+        gathering a few hundred of them costs more than the products they feed. The gather reads a
+        feature-major copy instead, made once per dictionary and kept with it (``encoder_by_feature``).
+        """
+        return encoder_by_feature(self.dictionary(kind, layer)).index_select(0, feature)
+
+    def value_reader(self, layer: int) -> Float[Tensor, "n_heads d_head d_model"]:
+        """``(W_V[h] - mean over d_model of W_V[h])^T``, made once per layer and prompt.
+
+        An attention feature with encoder slices ``w_h`` reads LN1's output through head h along ``W_V[h] w_h``;
+        LayerNorm's centring, moved onto the reading side, subtracts that vector's mean, which is the same as
+        reading along the centred ``W_V[h]``. So ``w_h @ value_reader(layer)[h]`` is the centred read direction.
+        """
+        if layer not in self._value_readers:
+            W_V = self.model.blocks[layer].attn.W_V.detach()
+            self._value_readers[layer] = (W_V - W_V.mean(1, keepdim=True)).transpose(1, 2).contiguous()
+        return self._value_readers[layer]
+
+    def value_biases(self, layer: int) -> Float[Tensor, "2 n_heads d_head"]:
+        """What an attention feature of ``layer`` reads at every key besides the nodes, per head, as vectors that
+        its encoder slices ``w_h`` are dotted with: ``b_V[h]``, and the constant writes of the stages below
+        the layer read through ``value_reader`` (they are the same at every position)."""
+        if layer not in self._value_biases:
+            below = self._const_writes[: attn_stage(layer)].sum(0)
+            self._value_biases[layer] = torch.stack([self.model.blocks[layer].attn.b_V.detach(),
+                                                     self.value_reader(layer) @ below])
+        return self._value_biases[layer]
 
     # ------------------------------------------------------------------ node writes
     def unit_dots(self, group: NodeGroup, g: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos m"]:

@@ -108,22 +108,24 @@ def _vector_group(kind: NodeKind, layer: int, stage: int, vectors: Float[Tensor,
     )
 
 
-_BY_FEATURE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int, Tensor]]" = weakref.WeakKeyDictionary()
+_BY_FEATURE: dict[int, tuple[int, int, Tensor]] = {}  # id(W_enc) -> (its version, its storage, W_enc.T copy)
 
 
 def encoder_by_feature(sae: torch.nn.Module) -> Float[Tensor, "d_sae d_in"]:
-    """A contiguous copy of ``sae.W_enc.T``, cached with the dictionary while ``W_enc`` is unchanged.
+    """A contiguous copy of ``sae.W_enc.T``, cached while that ``W_enc`` lives and is unchanged.
 
     The cache holds one more copy of each encoder that attribution reads (for GPT-2 small's 24 dictionaries of
-    24,576 features, 1.8 GB in float32); it is dropped with the dictionary, and remade when ``W_enc`` is modified
-    in place or replaced (its version counter or storage changes).
+    24,576 features, 1.8 GB in float32); dictionaries that share one encoder tensor share its copy. An entry is
+    dropped with its ``W_enc`` and remade when ``W_enc`` is modified in place or given new storage.
     """
     W = sae.W_enc
-    key = (W._version, W.data_ptr())
-    hit = _BY_FEATURE.get(sae)
-    if hit is None or hit[:2] != key:
-        hit = (*key, W.detach().T.contiguous())
-        _BY_FEATURE[sae] = hit
+    key = id(W)
+    hit = _BY_FEATURE.get(key)
+    if hit is None or hit[:2] != (W._version, W.data_ptr()):
+        if hit is None:
+            weakref.finalize(W, _BY_FEATURE.pop, key, None)
+        hit = (W._version, W.data_ptr(), W.detach().T.contiguous())
+        _BY_FEATURE[key] = hit
     return hit[2]
 
 

@@ -474,3 +474,30 @@ def test_float32_and_topk_within_1e_4(activation, k):
     assert torch.allclose(lm.logits()[0], lm.clean_logits, atol=1e-4 * float(lm.clean_logits.abs().max()))
     a = attribute(lm, active_feature(lm, "mlp_feature", 1), threshold=0.01, progress=False)
     assert a.max_relative_residual <= 1e-4
+
+
+def test_the_cached_feature_major_encoder_follows_the_dictionary():
+    """Attribution gathers encoder columns from a cached copy of ``W_enc.T``: a dictionary changed after a trace
+    (in place, or given new storage) must be read as it is now, so the next trace still certifies; the copy goes
+    with its encoder."""
+    import gc
+
+    from circuits.linear_model import _BY_FEATURE, encoder_by_feature
+
+    suite = make_suite(n_layers=2, d_sae=32, dtype=torch.float64, seed=4)
+    lm = LinearisedModel(suite, suite.tokens(PROMPT))
+    target = active_feature(lm, "mlp_feature", 1)
+    attribute(lm, target, threshold=0.0, progress=False)
+    tc, sae = suite.transcoders[1], suite.attn_saes[1]
+    with torch.no_grad():
+        tc.W_enc.mul_(1.5)  # in place: same storage, new version
+        sae.W_enc.data = sae.W_enc.data * 0.5 + 0.01  # new storage
+    for d in (tc, sae, suite.transcoders[0], suite.attn_saes[0]):
+        assert torch.equal(encoder_by_feature(d), d.W_enc.T)
+    lm = LinearisedModel(suite, suite.tokens(PROMPT))
+    a = attribute(lm, active_feature(lm, "mlp_feature", 1), threshold=0.0, progress=False)
+    assert a.max_relative_residual < TOL
+    n = len(_BY_FEATURE)
+    del suite, lm, a, tc, sae, d
+    gc.collect()
+    assert len(_BY_FEATURE) <= n - 4  # the four encoders of this suite are gone, and so are their copies

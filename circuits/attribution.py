@@ -220,20 +220,21 @@ def compact_reading_vectors(lm: LinearisedModel, targets: list[Target], autograd
             q = torch.tensor([targets[r].pos for r in rows], device=lm.device)
             feat = torch.tensor([targets[r].feature for r in rows], device=lm.device)
             sae = lm.dictionary("attn_feature", layer)
-            w_h = split_heads(lm, lm.encoder_rows("attn_feature", layer, feat), head)
+            # the encoder columns split by head, head-major: [head, reader, d_head] (other heads zeroed for a head)
+            w_h = lm.encoder_rows("attn_feature", layer, feat).view(len(rows), lm.cfg.n_heads, -1).transpose(0, 1)
+            w_h = w_h.contiguous() if head is None else w_h * (torch.arange(lm.cfg.n_heads, device=lm.device) == head)[:, None, None]
             # u_h = W_V[h] w_h with LayerNorm's centring moved onto the reading side (``value_reader``)
-            value_reader = lm.value_reader(layer)
-            u = torch.bmm(w_h.transpose(0, 1).contiguous(), value_reader)  # [head, reader, d_model]
+            u = torch.bmm(w_h, lm.value_reader(layer))  # [head, reader, d_model]
             pattern = lm.patterns[layer][:, q, :]  # [head, reader, key]
+            scaled = pattern / lm.scale_ln1[layer]
             # g[k] = sum_h pattern[h, q, k] u_h / scale1[k]: one batched product per dictionary
-            weights = (pattern / lm.scale_ln1[layer]).permute(1, 2, 0)  # [reader, key, head]
-            torch.bmm(weights, u.transpose(0, 1), out=spread[a:b])
+            torch.bmm(scaled.permute(1, 2, 0), u.transpose(0, 1), out=spread[a:b])
             # Per head, w_h . b_V[h] is the value bias read at every key (weighted by the pattern), and
             # u_h . below = w_h . (value_reader[h] below) the constant writes read at every key (they are the same
             # at every position; weighted by pattern / scale1): both in d_head, without forming g summed over keys.
-            dots = einsum(w_h, lm.value_biases(layer), "r h e, c h e -> c r h")
-            h0[rows] = (pattern.sum(-1).T * dots[0]).sum(-1) + (sae.b_enc[feat] if head is None else 0.0)
-            const_dot[rows] = (weights.sum(1) * dots[1]).sum(-1)
+            dots = torch.bmm(w_h, lm.value_biases(layer).permute(1, 2, 0))  # [head, reader, 2]
+            h0[rows] = (pattern.sum(-1) * dots[..., 0]).sum(0) + (sae.b_enc[feat] if head is None else 0.0)
+            const_dot[rows] = (scaled.sum(-1) * dots[..., 1]).sum(0)
     others = [j for j, b in enumerate(spread_rows) if not closed[b]]
     if others:
         rows = [spread_rows[j] for j in others]

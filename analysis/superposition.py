@@ -9,6 +9,9 @@ From Elhage et al. 2022 ("Toy Models of Superposition"):
    pairs, and so on.
 4. Per-feature dimensionality ``D_i = ||W_i||^2 / sum_j (W_hat_i . W_j)^2``: the fraction of a dimension that
    feature i holds (1 alone, 1/2 in an antipodal pair, 2/5 in a pentagon, ...).
+   ``feature_dimensionality_represented`` is the same with the sum over the represented features only: the
+   many small columns (norm < 0.5) that a model still has near the dense end overlap every direction a little
+   and pull ``D_i`` of a clean tetrahedron (3/4) or lone feature (1) down to about 0.7.
 Each function takes one instance's ``W`` (``[n_hidden, n_features]``), or a batch with a leading instance axis.
 """
 
@@ -49,6 +52,16 @@ def feature_dimensionality(W: Float[Tensor, "... hidden feature"]) -> Float[Tens
     """``D_i = ||W_i||^2 / sum_j (W_hat_i . W_j)^2`` (the sum includes j = i)."""
     overlap = einsum(unit_columns(W), W, "... hid fi, ... hid fj -> ... fi fj").pow(2).sum(-1)
     return feature_norms(W).pow(2) / overlap.clamp_min(1e-12)
+
+
+def feature_dimensionality_represented(W: Float[Tensor, "hidden feature"], min_norm: float = REPRESENTED_NORM
+                                       ) -> Float[Tensor, "feature"]:
+    """``D_i`` with the sum over the represented features only (``||W_j|| > min_norm``); NaN for the others."""
+    rep = feature_norms(W) > min_norm
+    out = torch.full(W.shape[-1:], float("nan"), dtype=W.dtype)
+    if rep.any():
+        out[rep] = feature_dimensionality(W[:, rep])
+    return out
 
 
 def antipodal_pairs(W: Float[Tensor, "hidden feature"], cosine_below: float = -0.9) -> list[tuple[int, int]]:
@@ -104,5 +117,8 @@ def summarize_instance(W: Float[Tensor, "hidden feature"]) -> dict:
         "superposition": [round(float(v), 5) for v in interference(W)],
         "dimensions_per_feature": round(float(dimensions_per_feature(W)), 5),
         "feature_dimensionality": [round(float(v), 5) for v in feature_dimensionality(W)],
+        # over the represented features only (None for the others): see the module docstring
+        "feature_dimensionality_represented": [None if math.isnan(v) else round(float(v), 5)
+                                               for v in feature_dimensionality_represented(W).tolist()],
         "antipodal_pairs": antipodal_pairs(W),
     }

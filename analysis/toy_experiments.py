@@ -176,12 +176,13 @@ def run_twenty_five(c: ToySuiteConfig, progress: bool = True) -> tuple[dict, tor
 def run_dimensionality(c: ToySuiteConfig, progress: bool = True) -> tuple[dict, torch.Tensor]:
     cfg = dimensionality_config(c)
     rows, W = train_and_summarize(cfg, progress, f"toy n={cfg.n_features} m={cfg.n_hidden}")
-    all_dims = []
+    all_dims, all_dims_rep = [], []
     for row in rows:
         dims = [d for d, n in zip(row["feature_dimensionality"], row["feature_norms"]) if n > 0.5]
         row["fraction_counts"] = fraction_counts(dims)
         row["fraction_counts_within_0.01"] = fraction_counts(dims, tolerance=0.01)
         all_dims += dims
+        all_dims_rep += [d for d in row["feature_dimensionality_represented"] if d is not None]
     checks = {
         "D_star_by_sparsity": [(r["sparsity"], r["dimensions_per_feature"]) for r in rows],
         "fraction_counts_all": fraction_counts(all_dims),
@@ -189,6 +190,9 @@ def run_dimensionality(c: ToySuiteConfig, progress: bool = True) -> tuple[dict, 
         # at: within 0.005 of the fraction; below/above: within 0.005 of the points 0.0125 either side of it
         "fraction_lines_all": fraction_lines(all_dims),
         "n_represented_features_all": len(all_dims),
+        # the same with D_i summed over the represented features only (superposition.feature_dimensionality_represented)
+        "fraction_counts_represented_only": fraction_counts(all_dims_rep),
+        "fraction_lines_represented_only": fraction_lines(all_dims_rep),
     }
     return {"config": cfg.to_json(), "instances": rows, "checks": checks}, W
 

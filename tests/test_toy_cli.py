@@ -37,6 +37,7 @@ def test_toy_command_writes_every_measured_quantity(tmp_path):
     assert len(checks["represented_mean_over_replicas"]) == 20 and isinstance(checks["lowest_loss_count_monotone"], bool)
     assert res["config"]["dim_batch_size"] == 32
     assert set(res["dimensionality"]["checks"]["fraction_lines_all"]) == {"3/4", "2/3", "1/2", "2/5", "3/8", "1/3"}
+    assert set(res["dimensionality"]["checks"]["fraction_lines_represented_only"]) == {"3/4", "2/3", "1/2", "2/5", "3/8", "1/3"}
     dims = res["dimensionality"]["instances"]
     assert len(dims) == 3 and all(len(r["feature_dimensionality"]) == 12 for r in dims)
     for key in ("sae_on_toy", "sae_on_toy_relu_l1"):

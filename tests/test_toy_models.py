@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from analysis.superposition import (angular_gaps_2d, antipodal_pairs, dimensions_per_feature, feature_dimensionality,
-                                    feature_norms, fraction_lines, interference, summarize_instance)
+                                    feature_dimensionality_represented, feature_norms, fraction_lines, interference, summarize_instance)
 from analysis.toy_experiments import best_cosines, best_replicas, hidden_activations, per_instance
 from analysis.toy_models import (ToyConfig, ToyModel, evaluate_loss, geometric_importance, paired_chunk_losses,
                                  probability_sweep, sample_features, train_toy_model)
@@ -148,6 +148,20 @@ def test_fraction_lines_tell_a_sharp_cluster_from_a_band():
     lines = fraction_lines(cluster + band)
     assert lines["3/4"] == {"at": 22, "below": 10, "above": 10}
     assert lines["1/2"] == {"at": 3, "below": 0, "above": 0}
+
+
+def test_dimensionality_over_represented_features_sees_a_tetrahedron_through_small_columns():
+    tetra = torch.tensor([[1.0, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]).T / 3**0.5  # [3, 4], cosines -1/3
+    W = torch.zeros(4, 4 + 40)
+    W[:3, :4] = tetra
+    W[3, 4] = 1.0  # a lone feature in the fourth dimension
+    W[:, 5:] = 0.2 * torch.randn(4, 39, generator=torch.Generator().manual_seed(0)) / 2  # small, unrepresented
+    full, rep = feature_dimensionality(W), feature_dimensionality_represented(W)
+    assert (full[:4] < 0.72).all() and full[4] < 0.9  # the small columns pull the paper's measure down
+    torch.testing.assert_close(rep[:4], torch.full((4,), 0.75))
+    torch.testing.assert_close(rep[4], torch.tensor(1.0))
+    assert rep[5:].isnan().all()
+    assert summarize_instance(W)["feature_dimensionality_represented"][:5] == [0.75] * 4 + [1.0]
 
 
 def test_paired_losses_give_equal_replicas_equal_losses_and_pick_the_better_one():

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "scripts.cmd_toy",
     "scripts.cmd_mnist",
     "scripts.cmd_dashboard",
+    "scripts.cmd_probe",
     "scripts.cmd_trace",
     "scripts.cmd_batch",
 ]

@@ -38,3 +38,17 @@ def planted_suite(text: str = "import", feature: int = PLANTED_FEATURE, seed: in
 
 def tiny_tokens(suite, copies: int = 3):
     return token_set_from_texts(suite.model, [TINY_TEXT] * copies)
+
+
+def save_suite(suite, directory):
+    """Write ``suite`` in the mini format (loadable with ``--suite-dir``)."""
+    from saes.io import atomic_save_tensors, atomic_write_json, model_config_dict, save_dictionary
+
+    suite.model.tokenizer.save_pretrained(str(directory / "tokenizer"))
+    # As saes.io.save_model, less the attention buffers (IGNORE is -inf, which read_tensors refuses).
+    state = {k: v for k, v in suite.model.state_dict().items() if not k.endswith(("IGNORE", ".mask"))}
+    atomic_save_tensors(state, directory / "model.safetensors")
+    atomic_write_json(directory / "cfg.json", model_config_dict(suite.model.cfg))
+    for name, sae in suite.dictionaries().items():
+        save_dictionary(sae, directory / "dictionaries" / name)
+    return directory

@@ -6,7 +6,7 @@ import pytest
 
 from analysis.detectors import DETECTOR_KEYS, find_detectors, rank_features, write_detector_report
 from analysis.scorecard import TokenClass, class_mask, class_scores, collect_activations, vocab_texts
-from dashboard_fixtures import PLANTED_FEATURE, planted_suite, tiny_tokens
+from dashboard_fixtures import PLANTED_FEATURE, planted_suite, save_suite, tiny_tokens
 
 
 @pytest.fixture(scope="module")
@@ -64,22 +64,9 @@ def test_report_files(planted, tmp_path):
         assert "class='scorecard'" in page and "<script src" not in page
 
 
-def _save_suite(suite, directory):
-    from saes.io import atomic_save_tensors, atomic_write_json, model_config_dict, save_dictionary
-
-    suite.model.tokenizer.save_pretrained(str(directory / "tokenizer"))
-    # As saes.io.save_model, less the attention buffers (IGNORE is -inf, which read_tensors refuses).
-    state = {k: v for k, v in suite.model.state_dict().items() if not k.endswith(("IGNORE", ".mask"))}
-    atomic_save_tensors(state, directory / "model.safetensors")
-    atomic_write_json(directory / "cfg.json", model_config_dict(suite.model.cfg))
-    for name, sae in suite.dictionaries().items():
-        save_dictionary(sae, directory / "dictionaries" / name)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def suite_dir(planted, tmp_path_factory):
-    return _save_suite(planted[0], tmp_path_factory.mktemp("planted-suite"))
+    return save_suite(planted[0], tmp_path_factory.mktemp("planted-suite"))
 
 
 def test_cli_detectors_on_a_saved_suite(suite_dir, tmp_path, capsys):

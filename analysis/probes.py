@@ -1,0 +1,119 @@
+"""Linear probes for a token class: can the class be read linearly from a hook at all?
+
+A reference point for the detector search. A dictionary feature reads its hook through one encoder direction and
+a threshold, so a logistic probe on the same hook, scored as if it were a feature, shows roughly what the best
+such direction can do. If the probe reaches the detector floors and no feature does, the model knows the class
+and the dictionaries have not isolated it; if the probe cannot, no dictionary on that hook will.
+
+1. One forward pass over the token set; at each hook keep the activations of every token but each row's BOS,
+   and the class mask (``analysis.scorecard.class_mask``).
+2. Split the tokens at random (seeded) into a fitting half and an evaluation half.
+3. Fit a logistic regression of the class on the standardised activations of the fitting half (L-BFGS, a small
+   L2 penalty).
+4. On the evaluation half, score the probe as a feature, ``ReLU(logit + shift)`` for each shift, with the
+   scorecard's own specificity and sensitivity (``analysis.scorecard.class_scores``); a larger shift lets the
+   probe fire more widely (more sensitive, less specific).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from analysis.scorecard import TokenClass, TokenSet, class_mask, class_scores, vocab_texts
+
+SHIFTS = (0.0, 1.0, 2.0, 4.0)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    l2: float = 1e-4  # penalty on the squared weights (standardised inputs)
+    max_iter: int = 300  # L-BFGS iterations
+    shifts: tuple[float, ...] = SHIFTS
+    seed: int = 0  # the fitting / evaluation split
+    batch_rows: int = 32
+
+
+@dataclass
+class ProbeResult:
+    hook: str
+    n_fit: int
+    n_eval: int
+    n_class_eval: int
+    accuracy: float  # of the sign of the logit, on the evaluation half
+    by_shift: list[dict[str, float]] = field(default_factory=list)  # shift, specificity, sensitivity
+
+    @property
+    def best(self) -> dict[str, float]:
+        """The shift with the largest min(specificity, sensitivity), the detector search's ranking."""
+        return max(self.by_shift, key=lambda r: (min(r["specificity"], r["sensitivity"]), r["specificity"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "best": self.best}
+
+
+@torch.inference_mode()
+def collect_hooks(model, hooks: list[str], tokens: TokenSet, batch_rows: int = 32) -> dict[str, Float[Tensor, "n d"]]:
+    """Step 1: the activations at ``hooks`` of every token but each row's BOS, flattened to one row a token."""
+    missing = [h for h in hooks if h not in model.hook_dict]
+    if missing:
+        raise ValueError(f"unknown hook(s) {missing}; use TransformerLens hook names such as 'blocks.2.ln2.hook_normalized'")
+    device = next(model.parameters()).device
+    out: dict[str, list[Tensor]] = {h: [] for h in hooks}
+    for start in range(0, tokens.rows.shape[0], batch_rows):
+        _, cache = model.run_with_cache(tokens.rows[start : start + batch_rows].to(device), names_filter=hooks)
+        for h in hooks:
+            out[h].append(cache[h][:, 1:].flatten(0, 1).flatten(1).float().cpu())
+    return {h: torch.cat(v) for h, v in out.items()}
+
+
+def fit_logistic(x: Float[Tensor, "n d"], y: Bool[Tensor, "n"], cfg: ProbeConfig = ProbeConfig()):
+    """Step 3: weights and bias of a logistic regression on standardised ``x``; returns a function giving logits."""
+    if not torch.isfinite(x).all():
+        raise ValueError("the activations hold NaN or inf; check the model and its input")
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    target = y.float()
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=cfg.max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target) + cfg.l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda v: ((v - mean) / std) @ w + b
+
+
+def probe_hooks(model, token_class: TokenClass, hooks: list[str], tokens: TokenSet,
+                cfg: ProbeConfig = ProbeConfig()) -> list[ProbeResult]:
+    """Steps 1-4 for each hook: the probe's accuracy and its specificity / sensitivity as a feature."""
+    texts = vocab_texts(model.tokenizer, model.cfg.d_vocab)
+    mask = class_mask(token_class, tokens, texts)[:, 1:].flatten()
+    if int(mask.sum()) < 4:
+        raise ValueError(f"token class {token_class.name!r} occurs {int(mask.sum())} times in the token set; "
+                         "a probe needs more: use more tokens")
+    acts = collect_hooks(model, hooks, tokens, cfg.batch_rows)
+    n = mask.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    fit, ev = perm[: n // 2], perm[n // 2 :]
+    results = []
+    for hook in hooks:
+        x = acts[hook]
+        logit = fit_logistic(x[fit], mask[fit], cfg)(x[ev])
+        accuracy = float(((logit > 0) == mask[ev]).float().mean())
+        rows = []
+        for shift in cfg.shifts:
+            sc = class_scores(torch.relu(logit + shift), mask[ev])
+            rows.append({"shift": shift, "specificity": round(sc.specificity, 4), "sensitivity": round(sc.sensitivity, 4)})
+        results.append(ProbeResult(hook, len(fit), len(ev), int(mask[ev].sum()), round(accuracy, 4), rows))
+    return results

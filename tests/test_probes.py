@@ -1,0 +1,64 @@
+"""The linear-probe reference of the detector search, on the tiny suite with a planted token direction."""
+
+import json
+
+import pytest
+import torch
+
+from analysis.probes import collect_hooks, fit_logistic, probe_hooks
+from analysis.scorecard import class_mask, class_scores, vocab_texts
+from dashboard_fixtures import planted_suite, save_suite, tiny_tokens
+
+HOOK = "blocks.0.ln2.hook_normalized"
+
+
+@pytest.fixture(scope="module")
+def planted():
+    suite, token_class, _ = planted_suite("import")
+    return suite, token_class, tiny_tokens(suite, copies=6)
+
+
+def test_a_probe_reads_a_class_the_model_writes_linearly(planted):
+    suite, token_class, tokens = planted
+    (res,) = probe_hooks(suite.model, token_class, [HOOK], tokens)
+    assert res.n_class_eval > 0 and res.accuracy > 0.99
+    assert res.best["specificity"] > 0.95 and res.best["sensitivity"] > 0.95
+
+
+def test_a_probe_of_shuffled_labels_scores_low(planted):
+    suite, token_class, tokens = planted
+    x = collect_hooks(suite.model, [HOOK], tokens)[HOOK]
+    mask = class_mask(token_class, tokens, vocab_texts(suite.model.tokenizer, suite.model.cfg.d_vocab))[:, 1:].flatten()
+    g = torch.Generator().manual_seed(1)
+    shuffled = mask[torch.randperm(mask.numel(), generator=g)]
+    half = mask.numel() // 2
+    logit = fit_logistic(x[:half], shuffled[:half])(x[half:])
+    scores = [class_scores(torch.relu(logit + s), shuffled[half:]) for s in (0.0, 1.0, 2.0, 4.0)]
+    assert max(min(sc.specificity, sc.sensitivity) for sc in scores) < 0.3
+    # and the same probe fitted on the true labels is a detector: the control fails for the right reason
+    true = fit_logistic(x[:half], mask[:half])(x[half:])
+    assert class_scores(torch.relu(true), mask[half:]).specificity > 0.95
+
+
+def test_probe_refuses_bad_input(planted):
+    suite, token_class, tokens = planted
+    with pytest.raises(ValueError, match="unknown hook"):
+        probe_hooks(suite.model, token_class, ["blocks.9.nothing"], tokens)
+    with pytest.raises(ValueError, match="NaN"):
+        fit_logistic(torch.full((10, 3), float("nan")), torch.zeros(10, dtype=torch.bool))
+
+
+def test_cli_probe_writes_json(planted, tmp_path, capsys):
+    from scripts.cli import main
+
+    suite_dir = save_suite(planted[0], tmp_path / "suite")
+    out = tmp_path / "probe"
+    rc = main(["probe", "--model", "planted", "--suite-dir", str(suite_dir), "--token", "import", "--n-tokens", "3000",
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "probes.json").read_text())
+    hooks = [p["hook"] for p in report["probes"]]
+    assert hooks[0] == "blocks.0.attn.hook_z" and HOOK in hooks  # every dictionary input, in suite order
+    (planted_hook,) = [p for p in report["probes"] if p["hook"] == HOOK]
+    assert planted_hook["best"]["specificity"] > 0.9 and planted_hook["best"]["sensitivity"] > 0.9
+    assert main(["probe", "--model", "planted", "--suite-dir", str(suite_dir), "--n-tokens", "0", "--out", str(out)]) == 2

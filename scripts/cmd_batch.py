@@ -1,6 +1,6 @@
 """``circuits batch``: circuits and dashboards over a dataset, sharded, resumable, locally or on Ray.
 
-    circuits batch make-jobs --model mini --source mini-heldout --target-rule fires:mlp3:211 --max-jobs 1000 --out jobs.jsonl
+    circuits batch make-jobs --model mini --source mini-heldout --target-rule fires:mlp0:917 --max-jobs 1000 --out jobs.jsonl
     circuits batch run jobs.jsonl --model mini --out runs/b1 [--device cuda] [--shard K/N] [--backend ray]
     circuits batch summarize runs/b1
 
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     m.add_argument("--text-column", default="text", help="column of a datasets source")
     m.add_argument("--target-rule", default="default",
                    help="default (most active last-layer transcoder feature at the end) or fires:DICT:F[>T]: one job per "
-                        "position where the feature fires, e.g. fires:mlp3:211 (mini's import detector)")
+                        "position where the feature fires, e.g. fires:mlp0:917 (mini's import detector)")
     m.add_argument("--max-tokens", type=int, default=32, help="tokens per snippet, BOS included (default 32)")
     m.add_argument("--max-per-snippet", type=int, default=None, help="at most this many positions per snippet (fires rule)")
     m.add_argument("--max-jobs", type=int, default=1000)

@@ -8,7 +8,7 @@
 3. A target rule turns each snippet into jobs:
    ``default``         one job, the trace's default target (the most active last-layer transcoder feature at the end);
    ``fires:DICT:F[>T]`` one job per position where feature F of DICT is active above T (default 0), e.g.
-                       ``fires:mlp3:211`` for the ``import`` detector of mini (docs/dashboards.md).
+                       ``fires:mlp0:917`` for the ``import`` detector of mini (docs/dashboards.md).
 4. Jobs are numbered in that order (``s000012`` for a snippet, ``s000012-p7`` for a position) up to ``max_jobs``.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-RULE_HELP = "default, or fires:DICT:F[>THRESHOLD] (e.g. fires:mlp3:211 or fires:mlp1:613>0.5)"
+RULE_HELP = "default, or fires:DICT:F[>THRESHOLD] (e.g. fires:mlp0:917 or fires:mlp0:689>0.5)"
 
 
 @dataclass(frozen=True)

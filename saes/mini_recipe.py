@@ -1,8 +1,8 @@
 """The settings that build the shipped mini suite, and the routines that train and evaluate its dictionaries.
 
 Dictionaries: 1,024 features each. TopK (k = 32, or 40 where ``OVERRIDES`` says; so L0 <= 40) with AuxK against
-dead latents (Gao et al. 2024), except the layer-0 transcoder: BatchTopK (mean L0 16) used as JumpReLU, with
-dead latents resampled (``OVERRIDES``).
+dead latents (Gao et al. 2024), except the layer-0 and layer-2 transcoders: BatchTopK (mean L0 16 and 24) used as
+JumpReLU, with dead latents resampled (``OVERRIDES``).
 All eight (an attention SAE on ``hook_z`` and a transcoder per layer) are trained together on one stream of
 model activations: one forward pass of the model feeds every dictionary's step.
 """
@@ -33,7 +33,7 @@ DICT_BATCH_ROWS = 16  # 4,096 tokens a step
 DICT_TRAIN = TrainConfig(steps=600, lr=2e-3, warmup_steps=50, decay_fraction=0.3, aux_k=64, aux_coefficient=1 / 32,
                          dead_after_tokens=100_000, seed=0)
 # The middle transcoders are the hardest to fit (zero-ablating them costs the model little, so CE recovered
-# is a demanding ratio): they get k = 40 and twice the steps. Dictionaries train independently on the same
+# is a demanding ratio): layer 1 gets k = 40 and twice the steps, layer 2 BatchTopK (below). Dictionaries train independently on the same
 # stream of batches, so overriding one changes no other.
 # The layer-0 transcoder is trained as BatchTopK (mean L0 16, used as JumpReLU with its learned thresholds) for
 # 6,400 steps, re-initialising dead latents every 100 steps for the first 80%: its `import` feature merges
@@ -42,7 +42,9 @@ DICT_TRAIN = TrainConfig(steps=600, lr=2e-3, warmup_steps=50, decay_fraction=0.3
 OVERRIDES: dict[str, dict] = {
     "mlp0": {"activation": "jumprelu", "k": 16, "steps": 6400, "resample_every": 100, "resample_until": 0.8},
     "mlp1": {"k": 40, "steps": 1200},
-    "mlp2": {"k": 40, "steps": 1200},
+    # BatchTopK at layer 2 as well (session 5): at mean L0 24 it beats TopK k = 40 on every suite metric (L0 23 vs
+    # 38.6, EV 0.931 vs 0.897, CE recovered 0.92 vs 0.87) with 3% of latents dead.
+    "mlp2": {"activation": "jumprelu", "k": 24, "steps": 4800, "resample_every": 100, "resample_until": 0.8},
 }
 
 

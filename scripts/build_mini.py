@@ -14,11 +14,12 @@ Phases, each skipped when its output already exists in ``--work`` (so a killed b
 5. ``package``: evaluate every dictionary on held-out text (``saes/metrics.py``) and write the suite
    (safetensors + JSON) to ``--out``.
 Step times measured alone on 2 cores (0.7-0.95 s a model step, about 1 s a step of all eight dictionaries) put a
-rebuild at 35-45 minutes, plus the layer-0 transcoder's steps 1,201-6,400 (alone after the others finish, with the
-forward pass stopped after layer 0: about 30 minutes at the 180 steps a minute it ran on one core of the shared
-machine). The shipped build, on a machine shared with three other jobs, took about two hours; its layer-0
-transcoder was trained alone with the same settings by ``scripts/try_dictionary.py`` (a dictionary trained alone
-equals the one trained within the suite: ``tests/test_mini_recipe.py``) and copied into the work folder.
+rebuild at 35-45 minutes, plus the steps the layer-0 and layer-2 transcoders take beyond the others (to 6,400 and
+4,800; the forward pass stops after the last layer still training): not timed within a build. The shipped build,
+on a machine shared with three other jobs, took about two hours; its layer-0 and layer-2 transcoders were
+trained alone with the same settings by ``scripts/try_dictionary.py`` (a dictionary trained alone equals the one
+trained within the suite: ``tests/test_mini_recipe.py``) and copied into the work folder, and took about 35 and
+70 minutes there, each on one core of the shared machine.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ DICT_BATCH_ROWS = 16  # 4,096 tokens a step
 DICT_TRAIN = TrainConfig(steps=600, lr=2e-3, warmup_steps=50, decay_fraction=0.3, aux_k=64, aux_coefficient=1 / 32,
                          dead_after_tokens=100_000, seed=0)
 # The middle transcoders are the hardest to fit (zero-ablating them costs the model little, so CE recovered
-# is a demanding ratio): layer 1 gets k = 40 and twice the steps, layer 2 BatchTopK (below). Dictionaries train independently on the same
-# stream of batches, so overriding one changes no other.
+# is a demanding ratio): layer 1 gets k = 40 and twice the steps, layer 2 BatchTopK (below). Dictionaries train
+# independently on the same stream of batches, so overriding one changes no other.
 # The layer-0 transcoder is trained as BatchTopK (mean L0 16, used as JumpReLU with its learned thresholds) for
 # 6,400 steps, re-initialising dead latents every 100 steps for the first 80%: its `import` feature merges
 # `import` and ` import` and sharpens with training (specificity 0.60 / 0.66 / 0.73 / 0.82 at 800 / 1,600 /

@@ -9,6 +9,7 @@ scorecard's specificity and sensitivity, on a held-out half of the tokens. Write
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from scripts.common import add_model_args, load_suite_from_args, write_json
@@ -38,7 +39,7 @@ def run_probe(args: argparse.Namespace) -> int:
     tokens = heldout_token_set(suite.model, args.n_tokens)
     cfg = ProbeConfig()
     results = probe_hooks(suite.model, token_class, hooks, tokens, cfg)
-    write_json(args.out / "probes.json", {"token_class": token_class.to_json(), "config": cfg.__dict__,
+    write_json(args.out / "probes.json", {"token_class": token_class.to_json(), "config": dataclasses.asdict(cfg),
                                           "n_tokens": tokens.n_tokens, "probes": [r.to_json() for r in results]})
     print(f"{'hook':<32} {'accuracy':>8}  best shift  {'spec':>6} {'sens':>6}")
     for r in results:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from analysis.probes import collect_hooks, fit_logistic, probe_hooks
+from analysis.probes import collect_hook, fit_logistic, probe_hooks
 from analysis.scorecard import class_mask, class_scores, vocab_texts
 from dashboard_fixtures import planted_suite, save_suite, tiny_tokens
 
@@ -27,7 +27,7 @@ def test_a_probe_reads_a_class_the_model_writes_linearly(planted):
 
 def test_a_probe_of_shuffled_labels_scores_low(planted):
     suite, token_class, tokens = planted
-    x = collect_hooks(suite.model, [HOOK], tokens)[HOOK]
+    x = collect_hook(suite.model, HOOK, tokens)
     mask = class_mask(token_class, tokens, vocab_texts(suite.model.tokenizer, suite.model.cfg.d_vocab))[:, 1:].flatten()
     g = torch.Generator().manual_seed(1)
     shuffled = mask[torch.randperm(mask.numel(), generator=g)]

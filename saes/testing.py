@@ -92,3 +92,34 @@ def make_suite(n_layers: int = 2, d_model: int = 16, n_heads: int = 2, d_head: i
     attn = {l: make_dictionary(model, "attn_sae", l, d_sae, activation, k, seed=seed + 10 + l) for l in range(n_layers)}
     mlp = {l: make_dictionary(model, "transcoder", l, d_sae, activation, k, seed=seed + 100 + l) for l in range(n_layers)}
     return Suite(name=model.cfg.model_name, model=model, attn_saes=attn, transcoders=mlp, info={"tiny": True})
+
+
+def dense_trainer_loss(trainer, x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, dense activations) of a TopK or BatchTopK ``DictionaryTrainer`` step, the plain dense way.
+
+    The reference that ``DictionaryTrainer.loss`` (sparse codes, ``embedding_bag`` decoding) is tested and
+    benchmarked against: the flat top ``k * batch`` of the whole ``[batch, d_sae]`` code for BatchTopK, and both
+    decodes (reconstruction and AuxK) as dense matmuls.
+    """
+    from saes.dictionary import activate, pre_activation
+
+    sae, cfg = trainer.sae, trainer.cfg
+    pre = pre_activation(sae, x_in)
+    if trainer.batch_topk:
+        flat = pre.relu().flatten()
+        vals, idx = flat.topk(min(int(sae.cfg.metadata["batch_topk_k"]) * pre.shape[0], flat.numel()))
+        acts = torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+    else:
+        acts = activate(sae, pre)
+    recon = acts @ sae.W_dec + sae.b_dec
+    denom = (x_out - x_out.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    residual = x_out - recon
+    mse = residual.pow(2).sum(-1).mean() / denom
+    dead = trainer.since_fired >= cfg.dead_after_tokens
+    if not dead.any():
+        return mse, acts
+    k_aux = min(cfg.aux_k or max(1, sae.cfg.d_in // 2), int(dead.sum()))
+    vals, idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1)
+    aux_acts = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    aux = (residual.detach() - aux_acts @ sae.W_dec).pow(2).sum(-1).mean() / denom
+    return mse + cfg.aux_coefficient * aux, acts

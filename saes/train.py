@@ -18,6 +18,12 @@ Algorithm (per step, on a batch of activations ``x_in`` and targets ``x_out``; f
    Optionally (``resample_every``) re-initialise dead latents towards badly reconstructed inputs
    (Anthropic's resampling), with their Adam state reset.
 
+TopK and BatchTopK steps never build the dense ``[batch, d_sae]`` code: the kept latents are held as ``(value,
+index)`` slots per row (``Codes``) and decoded with a weighted ``embedding_bag``, so decoding and the AuxK loss cost
+``O(batch * k * d_out)`` instead of a dense matmul. The batch's top ``k * batch`` comes from each row's top
+candidates, widened until no row could hide more (exactly the flat top-k; ``_batch_topk_codes``).
+``python -m scripts.bench_train`` times it against the dense step.
+
 The trainer is fed by any iterator of tensors (``x`` or ``(x_in, x_out)``, shape ``[batch, d]``), so the toy
 models, MNIST and the language-model suites all use it. It is seeded and resumable: ``save_checkpoint`` and
 ``load_checkpoint`` round-trip the dictionary, the optimiser, the step and the firing counters.
@@ -32,6 +38,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from saes.dictionary import activate, decode, pre_activation
@@ -96,6 +103,36 @@ def _as_pair(batch) -> tuple[Tensor, Tensor]:
     return x_in, x_out
 
 
+@dataclass
+class Codes:
+    """A batch's sparse code: per row, ``width`` slots of (value, latent index); unused slots hold value 0.
+
+    The indices of a row are distinct (they come from a top-k), so ``dense`` is a plain scatter.
+    """
+
+    values: Tensor  # [batch, width], >= 0
+    indices: Tensor  # [batch, width], long
+
+    def decode(self, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+        out = F.embedding_bag(self.indices, W_dec, mode="sum", per_sample_weights=self.values)
+        return out if b_dec is None else out + b_dec
+
+    def dense(self, d_sae: int) -> Tensor:
+        return self.values.new_zeros(self.values.shape[0], d_sae).scatter(-1, self.indices, self.values)
+
+    def fired(self, d_sae: int) -> Tensor:
+        out = torch.zeros(d_sae, dtype=torch.bool, device=self.values.device)
+        out[self.indices[self.values > 0]] = True
+        return out
+
+    def l0(self) -> float:
+        return float((self.values > 0).sum(-1).float().mean())
+
+    def smallest_kept(self) -> Tensor | None:
+        kept = self.values[self.values > 0]
+        return kept.min() if kept.numel() else None
+
+
 class DictionaryTrainer:
     """Trains one sae-lens dictionary in place. Call :meth:`step` per batch, or :func:`train_dictionary`."""
 
@@ -123,11 +160,17 @@ class DictionaryTrainer:
         return c.lr * warm * decay
 
     # --- one step -----------------------------------------------------------------------------------
-    def loss(self, x_in: Tensor, x_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def loss(self, x_in: Tensor, x_out: Tensor) -> tuple[Tensor, Tensor, "Codes | Tensor", Tensor]:
+        """(loss, normalised MSE, the code, the reconstruction). The code is ``Codes`` for TopK and BatchTopK,
+        the dense activations for ReLU."""
         sae = self.sae
         pre = pre_activation(sae, x_in)
-        acts = self._batch_topk(pre) if self.batch_topk else activate(sae, pre)
-        recon = decode(sae, acts)
+        if self.topk:
+            codes = self._batch_topk_codes(pre) if self.batch_topk else self._topk_codes(pre)
+            recon = codes.decode(sae.W_dec, sae.b_dec)
+        else:
+            codes = activate(sae, pre)
+            recon = decode(sae, codes)
         denom = (x_out - x_out.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         residual = x_out - recon
         mse = residual.pow(2).sum(-1).mean() / denom
@@ -135,36 +178,55 @@ class DictionaryTrainer:
             aux = self._aux_loss(pre, residual.detach(), denom)
             loss = mse + self.cfg.aux_coefficient * aux
         else:
-            l1 = (acts * sae.W_dec.norm(dim=-1)).sum(-1).mean()
+            l1 = (codes * sae.W_dec.norm(dim=-1)).sum(-1).mean()
             loss = mse + self.cfg.l1_coefficient * l1
-        return loss, mse, acts, recon
+        return loss, mse, codes, recon
+
+    def _topk_codes(self, pre: Tensor) -> Codes:
+        vals, idx = pre.topk(int(self.sae.cfg.k), dim=-1)
+        return Codes(vals.relu(), idx)
+
+    def _batch_topk_codes(self, pre: Tensor) -> Codes:
+        """The ``k * batch`` largest ``relu(pre)`` of the whole batch, as ``Codes``.
+
+        Each row's top ``m`` are the candidates (``m`` starts at ``4k``); ``t`` is the ``k * batch``-th largest
+        candidate. If no row has its ``m``-th candidate positive and ``>= t``, no row can hold a value ``>= t``
+        outside its candidates, so ``t`` is the batch's own ``k * batch``-th value and the kept set is exact;
+        otherwise ``m`` doubles (up to ``d_sae``, where it is trivially exact).
+        """
+        rows, d_sae = pre.shape
+        total = min(int(self.sae.cfg.metadata["batch_topk_k"]) * rows, rows * d_sae)
+        width = min(d_sae, 4 * int(self.sae.cfg.metadata["batch_topk_k"]))
+        while True:
+            vals, idx = pre.topk(width, dim=-1)
+            vals = vals.relu()
+            t = vals.detach().flatten().topk(total).values[-1]
+            last = vals.detach()[:, -1]
+            if width == d_sae or not ((last >= t) & (last > 0)).any():
+                break
+            width = min(d_sae, 2 * width)
+        return Codes(torch.where(vals >= t, vals, torch.zeros_like(vals)), idx)
 
     def _batch_topk(self, pre: Tensor) -> Tensor:
-        k = int(self.sae.cfg.metadata["batch_topk_k"]) * pre.shape[0]
-        flat = pre.relu().flatten()
-        vals, idx = flat.topk(min(k, flat.numel()))
-        return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+        """The BatchTopK activations as a dense ``[batch, d_sae]`` tensor."""
+        return self._batch_topk_codes(pre).dense(pre.shape[-1])
 
     @torch.no_grad()
-    def _update_threshold(self, acts: Tensor) -> None:
-        kept = acts[acts > 0]
-        if kept.numel() == 0:
+    def _update_threshold(self, codes: Codes) -> None:
+        smallest = codes.smallest_kept()
+        if smallest is None:
             return
-        smallest = kept.min()
         th = self.sae.threshold
         rate = 1.0 if self.step_count == 0 else self.cfg.threshold_rate
         th.mul_(1 - rate).add_(rate * smallest)
 
     def _aux_loss(self, pre: Tensor, residual: Tensor, denom: Tensor) -> Tensor:
-        dead = self.since_fired >= self.cfg.dead_after_tokens
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        dead = torch.nonzero(self.since_fired >= self.cfg.dead_after_tokens).flatten()
+        if len(dead) == 0:
             return pre.new_zeros(())
-        k_aux = min(self.cfg.aux_k or max(1, self.sae.cfg.d_in // 2), n_dead)
-        masked = pre.masked_fill(~dead, float("-inf"))
-        vals, idx = masked.topk(k_aux, dim=-1)
-        aux_acts = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-        aux_recon = aux_acts @ self.sae.W_dec  # no bias: it explains the residual
+        k_aux = min(self.cfg.aux_k or max(1, self.sae.cfg.d_in // 2), len(dead))
+        vals, idx = pre.index_select(-1, dead).topk(k_aux, dim=-1)
+        aux_recon = Codes(vals.relu(), dead[idx]).decode(self.sae.W_dec)  # no bias: it explains the residual
         return (residual - aux_recon).pow(2).sum(-1).mean() / denom
 
     def step(self, batch) -> StepStats:
@@ -180,7 +242,7 @@ class DictionaryTrainer:
                 self.sae.b_enc.copy_(-(x_in.mean(0) @ self.sae.W_enc))
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step_count)
-        loss, mse, acts, _ = self.loss(x_in, x_out)
+        loss, mse, codes, _ = self.loss(x_in, x_out)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.topk:
@@ -190,16 +252,18 @@ class DictionaryTrainer:
             with torch.no_grad():
                 self.sae.W_dec /= self.sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         if self.batch_topk:
-            self._update_threshold(acts.detach())
+            self._update_threshold(codes)
         with torch.no_grad():
-            fired = (acts > 0).any(0)
+            if isinstance(codes, Codes):
+                fired, l0 = codes.fired(self.sae.cfg.d_sae), codes.l0()
+            else:
+                fired, l0 = (codes > 0).any(0), float((codes > 0).float().sum(-1).mean())
             self.since_fired += x_in.shape[0]
             self.since_fired[fired] = 0
         self.step_count += 1
         c = self.cfg
         if c.resample_every and self.step_count % c.resample_every == 0 and self.step_count < c.resample_until * c.steps:
             self.resample_dead(x_in, x_out)
-        l0 = float((acts > 0).float().sum(-1).mean())
         dead = float((self.since_fired >= c.dead_after_tokens).float().mean())
         return StepStats(self.step_count, float(loss.detach()), float(mse.detach()), l0, dead)
 

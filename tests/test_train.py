@@ -157,3 +157,33 @@ def test_batch_topk_resampling_revives_latents_that_then_fire():
     with torch.no_grad():
         acts = trainer._batch_topk(next(it) @ sae.W_enc + sae.b_enc)
     assert int((acts[:, dead] > 0).any(0).sum()) >= len(dead) // 2
+
+
+@pytest.mark.parametrize("activation,k", [("topk", 3), ("jumprelu", 3)])
+def test_sparse_codes_give_the_dense_step_exactly(activation, k):
+    """The trainer's sparse step (``Codes`` + ``embedding_bag``) has the loss, activations and gradients of the plain
+    dense step, with dead latents (so the AuxK term is on) and, for BatchTopK, one row that holds far more than
+    its share of the batch's top values (so the candidate window has to widen)."""
+    from saes.testing import dense_trainer_loss
+
+    sae = build_dictionary(DictionarySpec("sae", 0, 16, 64, 16, "x", "x", activation=activation, k=k), seed=3)
+    trainer = DictionaryTrainer(sae, TrainConfig(steps=10, aux_k=8, dead_after_tokens=100))
+    trainer.since_fired[::3] = 1000  # a third of the latents are dead
+    g = torch.Generator().manual_seed(0)
+    x_in, x_out = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    x_in[5] *= 50  # row 5 dominates the batch's top values
+    grads = []
+    for fn in (lambda: trainer.loss(x_in, x_out), lambda: dense_trainer_loss(trainer, x_in, x_out)):
+        for p in trainer.params:
+            p.grad = None
+        out = fn()
+        out[0].backward()
+        dense = out[2].dense(64) if len(out) == 4 else out[1]
+        grads.append((out[0].detach(), dense.detach(), [p.grad.clone() for p in trainer.params]))
+    (l_s, a_s, g_s), (l_d, a_d, g_d) = grads
+    if activation == "jumprelu":
+        assert int((a_d[5] > 0).sum()) > 4 * k  # the widening case was exercised
+    assert torch.equal(a_s > 0, a_d > 0) and torch.allclose(a_s, a_d)
+    assert torch.allclose(l_s, l_d, rtol=1e-5)
+    for gs, gd in zip(g_s, g_d):
+        assert torch.allclose(gs, gd, rtol=1e-4, atol=1e-5 * float(gd.abs().max()))

@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resample-every", type=int, default=None,
                    help="re-initialise dead latents every N steps (up to --resample-until of training; default: never)")
     p.add_argument("--resample-until", type=float, default=None, help="fraction of training with resampling (default 0.6)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="initialisation and resampling seed (default: the recipe's, 0; the batch stream stays the recipe's)")
     p.add_argument("--suite-dir", type=Path, default=None, help="the suite folder (default: the shipped saes/mini)")
     p.add_argument("--tokens", type=Path, default=None, help="tokens.safetensors from a build_mini work folder")
     p.add_argument("--classes", nargs="*", default=[".", "for", "import"], help="token classes to search")
@@ -76,6 +78,8 @@ def trial_spec(model, args: argparse.Namespace):
         over["resample_every"] = args.resample_every
     if args.resample_until is not None:
         over["resample_until"] = args.resample_until
+    if args.seed is not None:
+        over["seed"] = args.seed
     if args.activation == "relu":
         if args.l1 is None:
             raise ValueError("--activation relu needs --l1 (the L1 coefficient, e.g. 3e-3)")

@@ -8,7 +8,10 @@ Algorithm (per step, on a batch of activations ``x_in`` and targets ``x_out``; f
    - ReLU: ``l1_coefficient * sum_i acts_i * |W_dec[i]|`` (the decoder-norm-weighted L1 of Anthropic's
      April 2024 update, so the penalty cannot be dodged by shrinking the encoder and growing the decoder);
    - TopK and BatchTopK: ``aux_coefficient *`` the AuxK loss of Gao et al. 2024: the top ``aux_k`` *dead* latents
-     reconstruct the residual ``x_out - recon``, which gives dead latents a gradient and revives them.
+     reconstruct the residual ``x_out - recon``, which gives dead latents a gradient and revives them;
+   - Matryoshka (``matryoshka``, TopK and BatchTopK): the MSE is averaged with the MSEs of reconstructions from
+     only the first ``m`` latents, for each prefix size ``m``, so early latents must stand alone (general
+     features) and later ones refine them, instead of absorbing one another.
 3. Adam step with linear warm-up and a linear decay over the last ``decay_fraction`` of steps; for TopK
    and BatchTopK the decoder rows are kept at unit norm (the activations carry the scale). BatchTopK also
    tracks its inference threshold: an exponential average (rate ``threshold_rate``) of the smallest
@@ -18,10 +21,10 @@ Algorithm (per step, on a batch of activations ``x_in`` and targets ``x_out``; f
    Optionally (``resample_every``) re-initialise dead latents towards badly reconstructed inputs
    (Anthropic's resampling), with their Adam state reset.
 
-TopK and BatchTopK steps never build the dense ``[batch, d_sae]`` code: the kept latents are held as ``(value,
-index)`` slots per row (``Codes``) and decoded with a weighted ``embedding_bag``, so decoding and the AuxK loss cost
+TopK and BatchTopK steps never build the dense ``[batch, d_sae]`` code: the kept latents are held flat, row by
+row (``Codes``), and decoded with a weighted ``embedding_bag``, so decoding and the AuxK loss cost
 ``O(batch * k * d_out)`` instead of a dense matmul. The batch's top ``k * batch`` comes from each row's top
-candidates, widened until no row could hide more (exactly the flat top-k; ``_batch_topk_codes``).
+candidates, widened for the rows that could hide more (exactly the flat top-k; ``_batch_topk_codes``).
 ``python -m scripts.bench_train`` times it against the dense step.
 
 The trainer is fed by any iterator of tensors (``x`` or ``(x_in, x_out)``, shape ``[batch, d]``), so the toy
@@ -31,6 +34,7 @@ models, MNIST and the language-model suites all use it. It is seeded and resumab
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -62,6 +66,9 @@ class TrainConfig:
     threshold_rate: float = 0.01
     init_b_dec_from_data: bool = True
     seed: int = 0
+    # Matryoshka (Bussmann et al. 2025; Nabeshima 2024): also reconstruct from the first m latents alone, for each m
+    # here (increasing, below d_sae), and average those losses with the full one; TopK and BatchTopK only.
+    matryoshka: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.steps <= 0:
@@ -76,6 +83,11 @@ class TrainConfig:
             raise ValueError(f"threshold_rate must be in (0, 1], got {self.threshold_rate}")
         if self.resample_every is not None and self.resample_every <= 0:
             raise ValueError(f"resample_every must be positive or None, got {self.resample_every}")
+        if self.matryoshka is not None:
+            object.__setattr__(self, "matryoshka", tuple(int(m) for m in self.matryoshka))
+            m = self.matryoshka
+            if not m or m[0] <= 0 or any(b <= a for a, b in zip(m, m[1:])):
+                raise ValueError(f"matryoshka must be increasing positive prefix sizes, e.g. (128, 512), got {m}")
 
 
 @dataclass
@@ -105,32 +117,49 @@ def _as_pair(batch) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class Codes:
-    """A batch's sparse code: per row, ``width`` slots of (value, latent index); unused slots hold value 0.
+    """A batch's sparse code, flat and row by row: latent ``indices[j]`` has value ``values[j]`` in row ``rows[j]``.
 
-    The indices of a row are distinct (they come from a top-k), so ``dense`` is a plain scatter.
+    ``rows`` is non-decreasing and a row's indices are distinct (they come from a top-k), and only positive values
+    are held (a ReLU zero contributes nothing to the reconstruction and gets no gradient).
     """
 
-    values: Tensor  # [batch, width], >= 0
-    indices: Tensor  # [batch, width], long
+    values: Tensor  # [nnz], > 0
+    indices: Tensor  # [nnz], long
+    rows: Tensor  # [nnz], long, non-decreasing
+    n_rows: int
+
+    @classmethod
+    def from_slots(cls, values: Tensor, indices: Tensor) -> "Codes":
+        """From per-row slots (``[batch, width]`` values and latent indices), keeping the positive values."""
+        keep = values > 0
+        rows = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(values)
+        return cls(values[keep], indices[keep], rows[keep], values.shape[0])
 
     def decode(self, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
-        out = F.embedding_bag(self.indices, W_dec, mode="sum", per_sample_weights=self.values)
+        counts = torch.bincount(self.rows, minlength=self.n_rows)
+        offsets = counts.cumsum(0) - counts
+        out = F.embedding_bag(self.indices, W_dec, offsets, mode="sum", per_sample_weights=self.values)
         return out if b_dec is None else out + b_dec
 
+    def prefix(self, m: int) -> "Codes":
+        """The code restricted to latents ``0 .. m-1`` (a Matryoshka prefix)."""
+        keep = self.indices < m
+        return Codes(self.values[keep], self.indices[keep], self.rows[keep], self.n_rows)
+
     def dense(self, d_sae: int) -> Tensor:
-        return self.values.new_zeros(self.values.shape[0], d_sae).scatter(-1, self.indices, self.values)
+        out = self.values.new_zeros(self.n_rows, d_sae)
+        return out.index_put((self.rows, self.indices), self.values)
 
     def fired(self, d_sae: int) -> Tensor:
         out = torch.zeros(d_sae, dtype=torch.bool, device=self.values.device)
-        out[self.indices[self.values > 0]] = True
+        out[self.indices] = True
         return out
 
     def l0(self) -> float:
-        return float((self.values > 0).sum(-1).float().mean())
+        return self.values.numel() / max(1, self.n_rows)
 
     def smallest_kept(self) -> Tensor | None:
-        kept = self.values[self.values > 0]
-        return kept.min() if kept.numel() else None
+        return self.values.min() if self.values.numel() else None
 
 
 class DictionaryTrainer:
@@ -143,6 +172,9 @@ class DictionaryTrainer:
             raise ValueError("this JumpReLU dictionary has no BatchTopK target (metadata batch_topk_k); build it from a "
                              "DictionarySpec with activation='jumprelu' and k set, the mean L0 to train for")
         self.topk = getattr(sae.cfg, "k", None) is not None or self.batch_topk  # AuxK, unit-norm decoder rows
+        if cfg.matryoshka is not None and (not self.topk or cfg.matryoshka[-1] >= sae.cfg.d_sae):
+            raise ValueError(f"matryoshka prefixes {cfg.matryoshka} need a TopK or BatchTopK dictionary and sizes below "
+                             f"its d_sae ({sae.cfg.d_sae})")
         self.params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
         for p in self.params:
             p.requires_grad_(True)
@@ -177,6 +209,10 @@ class DictionaryTrainer:
         if self.topk:
             aux = self._aux_loss(pre, residual.detach(), denom)
             loss = mse + self.cfg.aux_coefficient * aux
+            if self.cfg.matryoshka:
+                nested = [(x_out - codes.prefix(m).decode(sae.W_dec, sae.b_dec)).pow(2).sum(-1).mean() / denom
+                          for m in self.cfg.matryoshka]
+                loss = (mse + sum(nested)) / (len(nested) + 1) + self.cfg.aux_coefficient * aux
         else:
             l1 = (codes * sae.W_dec.norm(dim=-1)).sum(-1).mean()
             loss = mse + self.cfg.l1_coefficient * l1
@@ -184,28 +220,48 @@ class DictionaryTrainer:
 
     def _topk_codes(self, pre: Tensor) -> Codes:
         vals, idx = pre.topk(int(self.sae.cfg.k), dim=-1)
-        return Codes(vals.relu(), idx)
+        return Codes.from_slots(vals.relu(), idx)
 
     def _batch_topk_codes(self, pre: Tensor) -> Codes:
-        """The ``k * batch`` largest ``relu(pre)`` of the whole batch, as ``Codes``.
+        """The ``k * batch`` largest ``relu(pre)`` of the whole batch, as ``Codes``, without sorting the batch.
 
-        Each row's top ``m`` are the candidates (``m`` starts at ``4k``); ``t`` is the ``k * batch``-th largest
-        candidate. If no row has its ``m``-th candidate positive and ``>= t``, no row can hold a value ``>= t``
-        outside its candidates, so ``t`` is the batch's own ``k * batch``-th value and the kept set is exact;
-        otherwise ``m`` doubles (up to ``d_sae``, where it is trivially exact).
+        1. Candidates: each row's top ``4k``; ``t`` is the ``k * batch``-th largest candidate.
+        2. A row whose smallest candidate is positive and ``>= t`` may hold more values ``>= t`` than it showed:
+           its candidates double (that row only, up to ``d_sae``) and ``t`` is recomputed, until no row does.
+        3. Then every value ``>= t`` of the batch is a candidate, so ``t`` is the batch's own ``k * batch``-th
+           value: the kept set (candidates ``>= t``, positive) is exactly the flat top-k's.
         """
-        rows, d_sae = pre.shape
-        total = min(int(self.sae.cfg.metadata["batch_topk_k"]) * rows, rows * d_sae)
-        width = min(d_sae, 4 * int(self.sae.cfg.metadata["batch_topk_k"]))
+        n_rows, d_sae = pre.shape
+        k = int(self.sae.cfg.metadata["batch_topk_k"])
+        total = min(k * n_rows, n_rows * d_sae)
+        width = min(d_sae, 4 * k)
+        vals, idx = pre.topk(width, dim=-1)
+        groups = [(torch.arange(n_rows, device=pre.device), vals.relu(), idx)]  # (rows, values, latents)
         while True:
-            vals, idx = pre.topk(width, dim=-1)
-            vals = vals.relu()
-            t = vals.detach().flatten().topk(total).values[-1]
-            last = vals.detach()[:, -1]
-            if width == d_sae or not ((last >= t) & (last > 0)).any():
+            cand = torch.cat([v.detach().flatten() for _, v, _ in groups])
+            t = cand.kthvalue(cand.numel() - total + 1).values
+            grown = []
+            for rows, v, i in groups:
+                last = v.detach()[:, -1]
+                full = (last >= t) & (last > 0) if v.shape[1] < d_sae else torch.zeros_like(last, dtype=torch.bool)
+                if not full.any():
+                    grown.append((rows, v, i))
+                    continue
+                grown.append((rows[~full], v[~full], i[~full]))
+                wider_v, wider_i = pre[rows[full]].topk(min(d_sae, 2 * v.shape[1]), dim=-1)
+                grown.append((rows[full], wider_v.relu(), wider_i))
+            if len(grown) == len(groups):
                 break
-            width = min(d_sae, 2 * width)
-        return Codes(torch.where(vals >= t, vals, torch.zeros_like(vals)), idx)
+            groups = grown
+        rows, values, latents = [], [], []
+        for r, v, i in groups:
+            keep = (v >= t) & (v > 0)
+            rows.append(r[:, None].expand_as(v)[keep])
+            values.append(v[keep])
+            latents.append(i[keep])
+        rows_all = torch.cat(rows)
+        order = torch.argsort(rows_all, stable=True)
+        return Codes(torch.cat(values)[order], torch.cat(latents)[order], rows_all[order], n_rows)
 
     def _batch_topk(self, pre: Tensor) -> Tensor:
         """The BatchTopK activations as a dense ``[batch, d_sae]`` tensor."""
@@ -226,7 +282,7 @@ class DictionaryTrainer:
             return pre.new_zeros(())
         k_aux = min(self.cfg.aux_k or max(1, self.sae.cfg.d_in // 2), len(dead))
         vals, idx = pre.index_select(-1, dead).topk(k_aux, dim=-1)
-        aux_recon = Codes(vals.relu(), dead[idx]).decode(self.sae.W_dec)  # no bias: it explains the residual
+        aux_recon = Codes.from_slots(vals.relu(), dead[idx]).decode(self.sae.W_dec)  # no bias: it explains the residual
         return (residual - aux_recon).pow(2).sum(-1).mean() / denom
 
     def step(self, batch) -> StepStats:
@@ -329,7 +385,7 @@ class DictionaryTrainer:
     def load_checkpoint(self, directory: Path) -> None:
         directory = Path(directory)
         meta = read_json(directory / "trainer.json")
-        if meta["config"] != asdict(self.cfg):
+        if meta["config"] != json.loads(json.dumps(asdict(self.cfg))):
             raise ValueError(f"{directory}: checkpoint was written with another TrainConfig; resume with the same settings")
         tensors = read_tensors(directory / "trainer.safetensors")
         self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})

@@ -3,10 +3,11 @@
     .venv/bin/python -m scripts.bench_train [--d-sae 1024 4096] [--k 24] [--batch 4096] [--d 128] [--steps 10]
 
 The setting is the mini suite's: a transcoder of ``d = 128`` (the mini model's ``d_model``), 4,096 tokens a step,
-BatchTopK at mean L0 ``k`` with a quarter of the latents dead (so the AuxK term runs), and a TopK dictionary of the
-same k. Both paths compute the same loss and gradients (``tests/test_train.py`` checks it): the baseline is
-``saes.testing.dense_trainer_loss`` (flat top ``k * batch`` over the whole ``[batch, d_sae]`` code, dense decoder
-and AuxK matmuls), the trainer's is ``DictionaryTrainer.loss`` (per-row candidates, ``embedding_bag`` decodes).
+BatchTopK at mean L0 ``k`` with a quarter of the latents dead (so the AuxK term runs, with the recipe's
+``aux_k = 64``), and a TopK dictionary of the same k. Both paths compute the same loss and gradients
+(``tests/test_train.py`` checks it): the baseline is ``saes.testing.dense_trainer_loss`` (flat top ``k * batch``
+over the whole ``[batch, d_sae]`` code, dense decoder and AuxK matmuls), the trainer's is ``DictionaryTrainer.loss``
+(per-row candidates, ``embedding_bag`` decodes).
 Each timing is the median of ``--steps`` forward + backward passes after one warm-up. Prints a table; ``--out``
 also writes it as JSON.
 """
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     for d_sae in args.d_sae:
         for activation in ("jumprelu", "topk"):
             spec = DictionarySpec("transcoder", 0, args.d, d_sae, args.d, "in", "out", activation=activation, k=args.k)
-            trainer = DictionaryTrainer(build_dictionary(spec, seed=0), TrainConfig(steps=10, aux_k=256, dead_after_tokens=1))
+            trainer = DictionaryTrainer(build_dictionary(spec, seed=0), TrainConfig(steps=10, aux_k=64, dead_after_tokens=1))
             trainer.since_fired[: d_sae // 4] = 10  # a quarter dead: AuxK on
             dense = _time(lambda: dense_trainer_loss(trainer, x_in, x_out), trainer.params, args.steps)
             sparse = _time(lambda: trainer.loss(x_in, x_out), trainer.params, args.steps)

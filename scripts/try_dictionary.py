@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resample-every", type=int, default=None,
                    help="re-initialise dead latents every N steps (up to --resample-until of training; default: never)")
     p.add_argument("--resample-until", type=float, default=None, help="fraction of training with resampling (default 0.6)")
+    p.add_argument("--matryoshka", default=None,
+                   help="comma-separated Matryoshka prefix sizes, e.g. 128,512 (TopK and BatchTopK; default: none)")
     p.add_argument("--seed", type=int, default=None,
                    help="initialisation and resampling seed (default: the recipe's, 0; the batch stream stays the recipe's)")
     p.add_argument("--suite-dir", type=Path, default=None, help="the suite folder (default: the shipped saes/mini)")
@@ -80,6 +82,13 @@ def trial_spec(model, args: argparse.Namespace):
         over["resample_until"] = args.resample_until
     if args.seed is not None:
         over["seed"] = args.seed
+    if args.matryoshka:
+        try:
+            over["matryoshka"] = tuple(int(m) for m in args.matryoshka.split(","))
+        except ValueError:
+            raise ValueError(f"--matryoshka takes comma-separated integers such as 128,512, got {args.matryoshka!r}") from None
+        if over["matryoshka"][-1] >= spec.d_sae:
+            raise ValueError(f"--matryoshka prefixes must be below --d-sae ({spec.d_sae}), got {args.matryoshka}")
     if args.activation == "relu":
         if args.l1 is None:
             raise ValueError("--activation relu needs --l1 (the L1 coefficient, e.g. 3e-3)")

@@ -208,11 +208,12 @@ class DictionaryTrainer:
         mse = residual.pow(2).sum(-1).mean() / denom
         if self.topk:
             aux = self._aux_loss(pre, residual.detach(), denom)
-            loss = mse + self.cfg.aux_coefficient * aux
+            recon_loss = mse
             if self.cfg.matryoshka:
                 nested = [(x_out - codes.prefix(m).decode(sae.W_dec, sae.b_dec)).pow(2).sum(-1).mean() / denom
                           for m in self.cfg.matryoshka]
-                loss = (mse + sum(nested)) / (len(nested) + 1) + self.cfg.aux_coefficient * aux
+                recon_loss = (mse + sum(nested)) / (len(nested) + 1)
+            loss = recon_loss + self.cfg.aux_coefficient * aux
         else:
             l1 = (codes * sae.W_dec.norm(dim=-1)).sum(-1).mean()
             loss = mse + self.cfg.l1_coefficient * l1

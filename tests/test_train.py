@@ -1,5 +1,6 @@
 """The trainer learns: loss falls, planted sparse features are recovered, resuming equals not stopping."""
 
+import dataclasses
 import math
 
 import pytest
@@ -207,10 +208,10 @@ def test_matryoshka_prefix_reconstructs_alone_and_resumes(tmp_path):
         return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
     base = TrainConfig(steps=300, lr=3e-3, warmup_steps=20, aux_k=8)
-    nested, plain = prefix_mse(TrainConfig(**{**base.__dict__, "matryoshka": [8, 32]})), prefix_mse(base)
+    nested, plain = prefix_mse(dataclasses.replace(base, matryoshka=[8, 32])), prefix_mse(base)
     assert nested < 0.3 and nested < 0.5 * plain, (nested, plain)
     sae = build_dictionary(DictionarySpec("sae", 0, 16, 64, 16, "x", "x", activation="topk", k=4), seed=0)
-    DictionaryTrainer(sae, TrainConfig(**{**base.__dict__, "matryoshka": (8, 32)})).load_checkpoint(tmp_path / "(8, 32)")
+    DictionaryTrainer(sae, dataclasses.replace(base, matryoshka=(8, 32))).load_checkpoint(tmp_path / "(8, 32)")
     with pytest.raises(ValueError, match="increasing"):
         TrainConfig(steps=5, matryoshka=(32, 8))
     with pytest.raises(ValueError, match="below its d_sae"):

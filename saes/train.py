@@ -1,19 +1,25 @@
-"""One trainer for every dictionary: ReLU + L1 SAEs, TopK SAEs, and transcoders (input hook -> output hook).
+"""One trainer for every dictionary: ReLU + L1, TopK, BatchTopK and JumpReLU SAEs, and transcoders (input hook ->
+output hook).
 
 Algorithm (per step, on a batch of activations ``x_in`` and targets ``x_out``; for an SAE ``x_out = x_in``):
 1. Encode and decode in canonical form (``saes/dictionary.py``): ``pre = x_in W_enc + b_enc``,
    ``acts = relu(pre)`` or TopK, ``recon = acts W_dec + b_dec``. A JumpReLU dictionary with a BatchTopK
    target ``k`` trains as BatchTopK: the ``k * batch`` largest ``relu(pre)`` of the whole batch are kept.
+   A JumpReLU dictionary without one trains directly (``l0_coefficient``; Rajamanoharan et al. 2024):
+   ``acts = pre * H(pre - theta)`` with a learned threshold ``theta = exp(log_theta)`` per latent.
 2. Loss = normalised MSE ``|x_out - recon|^2 / |x_out - mean|^2`` plus
    - ReLU: ``l1_coefficient * sum_i acts_i * |W_dec[i]|`` (the decoder-norm-weighted L1 of Anthropic's
      April 2024 update, so the penalty cannot be dodged by shrinking the encoder and growing the decoder);
+   - JumpReLU: ``l0_coefficient * sum_i H(pre_i - theta_i)``, the L0 itself. The step function has no
+     gradient, so the thresholds learn through straight-through pseudo-derivatives (a rectangle kernel of
+     width ``jumprelu_bandwidth`` around each threshold), in both this term and the JumpReLU itself;
    - TopK and BatchTopK: ``aux_coefficient *`` the AuxK loss of Gao et al. 2024: the top ``aux_k`` *dead* latents
      reconstruct the residual ``x_out - recon``, which gives dead latents a gradient and revives them;
    - Matryoshka (``matryoshka``, TopK and BatchTopK): the MSE is averaged with the MSEs of reconstructions from
      only the first ``m`` latents, for each prefix size ``m``, so early latents must stand alone (general
      features) and later ones refine them, instead of absorbing one another.
-3. Adam step with linear warm-up and a linear decay over the last ``decay_fraction`` of steps; for TopK
-   and BatchTopK the decoder rows are kept at unit norm (the activations carry the scale). BatchTopK also
+3. Adam step with linear warm-up and a linear decay over the last ``decay_fraction`` of steps; for TopK,
+   BatchTopK and JumpReLU the decoder rows are kept at unit norm (the activations carry the scale). BatchTopK also
    tracks its inference threshold: an exponential average (rate ``threshold_rate``) of the smallest
    activation kept in each batch, written into the JumpReLU ``threshold`` of every feature, so that the
    trained dictionary fires, on average, on about ``k`` features a token without looking at the batch.
@@ -69,6 +75,12 @@ class TrainConfig:
     # Matryoshka (Bussmann et al. 2025; Nabeshima 2024): also reconstruct from the first m latents alone, for each m
     # here (increasing, below d_sae), and average those losses with the full one; TopK and BatchTopK only.
     matryoshka: tuple[int, ...] | None = None
+    # JumpReLU trained directly (a JumpReLU dictionary without a BatchTopK target): the L0 penalty's weight, the
+    # width of the straight-through kernel around each threshold, and the thresholds' starting value (sae-lens's
+    # defaults for the last two; they assume inputs of about unit scale per dimension).
+    l0_coefficient: float | None = None
+    jumprelu_bandwidth: float = 1e-3
+    jumprelu_init_threshold: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.steps <= 0:
@@ -83,6 +95,11 @@ class TrainConfig:
             raise ValueError(f"threshold_rate must be in (0, 1], got {self.threshold_rate}")
         if self.resample_every is not None and self.resample_every <= 0:
             raise ValueError(f"resample_every must be positive or None, got {self.resample_every}")
+        if self.l0_coefficient is not None and not (self.l0_coefficient > 0 and math.isfinite(self.l0_coefficient)):
+            raise ValueError(f"l0_coefficient must be a positive finite number or None, got {self.l0_coefficient}")
+        if not (self.jumprelu_bandwidth > 0 and self.jumprelu_init_threshold > 0):
+            raise ValueError("jumprelu_bandwidth and jumprelu_init_threshold must be positive, got "
+                             f"{self.jumprelu_bandwidth} and {self.jumprelu_init_threshold}")
         if self.matryoshka is not None:
             object.__setattr__(self, "matryoshka", tuple(int(m) for m in self.matryoshka))
             m = self.matryoshka
@@ -113,6 +130,43 @@ def _as_pair(batch) -> tuple[Tensor, Tensor]:
     else:
         x_in = x_out = batch
     return x_in, x_out
+
+
+def _kernel(pre: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+    """The rectangle kernel ``K((pre - theta) / bandwidth) / bandwidth`` of the straight-through estimator."""
+    return ((pre - theta).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``pre * H(pre - theta)``; its gradient in ``pre`` is the step, in ``theta`` ``-theta * K(.)``."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, theta = ctx.saved_tensors
+        d_pre = grad * (pre > theta)
+        d_theta = (-theta * _kernel(pre, theta, ctx.bandwidth) * grad).sum(0)
+        return d_pre, d_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """``H(pre - theta)``; no gradient in ``pre``, ``-K(.)`` in ``theta``."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, theta = ctx.saved_tensors
+        return None, (-_kernel(pre, theta, ctx.bandwidth) * grad).sum(0), None
 
 
 @dataclass
@@ -167,15 +221,29 @@ class DictionaryTrainer:
 
     def __init__(self, sae, cfg: TrainConfig):
         self.sae, self.cfg = sae, cfg
-        self.batch_topk = getattr(sae, "threshold", None) is not None and sae.cfg.metadata.get("batch_topk_k") is not None
-        if getattr(sae, "threshold", None) is not None and not self.batch_topk:
-            raise ValueError("this JumpReLU dictionary has no BatchTopK target (metadata batch_topk_k); build it from a "
-                             "DictionarySpec with activation='jumprelu' and k set, the mean L0 to train for")
-        self.topk = getattr(sae.cfg, "k", None) is not None or self.batch_topk  # AuxK, unit-norm decoder rows
+        has_threshold = getattr(sae, "threshold", None) is not None
+        self.batch_topk = has_threshold and sae.cfg.metadata.get("batch_topk_k") is not None
+        self.jumprelu = has_threshold and not self.batch_topk  # trained directly, with the L0 penalty
+        if self.jumprelu and cfg.l0_coefficient is None:
+            raise ValueError("this JumpReLU dictionary has no BatchTopK target (metadata batch_topk_k): either build it "
+                             "from a DictionarySpec with activation='jumprelu' and k set (the mean L0 to train for), or "
+                             "train it directly with TrainConfig(l0_coefficient=...)")
+        if cfg.l0_coefficient is not None and not self.jumprelu:
+            raise ValueError("l0_coefficient trains a JumpReLU dictionary without a BatchTopK target; this one is "
+                             f"{'BatchTopK' if self.batch_topk else 'not JumpReLU'}: leave l0_coefficient None")
+        self.topk = getattr(sae.cfg, "k", None) is not None or self.batch_topk  # AuxK, sparse codes
+        self.unit_decoder = self.topk or self.jumprelu
         if cfg.matryoshka is not None and (not self.topk or cfg.matryoshka[-1] >= sae.cfg.d_sae):
             raise ValueError(f"matryoshka prefixes {cfg.matryoshka} need a TopK or BatchTopK dictionary and sizes below "
                              f"its d_sae ({sae.cfg.d_sae})")
         self.params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+        if self.jumprelu:
+            # theta = exp(log_theta) stays positive; sae.threshold is rewritten from it after every step
+            with torch.no_grad():
+                if not (sae.threshold > 0).any():  # a fresh dictionary (built with zero thresholds)
+                    sae.threshold.fill_(cfg.jumprelu_init_threshold)
+            self.log_threshold = sae.threshold.detach().clamp_min(1e-12).log().clone()
+            self.params.append(self.log_threshold)
         for p in self.params:
             p.requires_grad_(True)
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=(0.9, 0.999))
@@ -200,6 +268,9 @@ class DictionaryTrainer:
         if self.topk:
             codes = self._batch_topk_codes(pre) if self.batch_topk else self._topk_codes(pre)
             recon = codes.decode(sae.W_dec, sae.b_dec)
+        elif self.jumprelu:
+            codes = _JumpReLU.apply(pre, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth)
+            recon = codes @ sae.W_dec + sae.b_dec
         else:
             codes = activate(sae, pre)
             recon = decode(sae, codes)
@@ -214,6 +285,9 @@ class DictionaryTrainer:
                           for m in self.cfg.matryoshka]
                 recon_loss = (mse + sum(nested)) / (len(nested) + 1)
             loss = recon_loss + self.cfg.aux_coefficient * aux
+        elif self.jumprelu:
+            l0 = _Step.apply(pre, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth).sum(-1).mean()
+            loss = mse + self.cfg.l0_coefficient * l0
         else:
             l1 = (codes * sae.W_dec.norm(dim=-1)).sum(-1).mean()
             loss = mse + self.cfg.l1_coefficient * l1
@@ -302,14 +376,17 @@ class DictionaryTrainer:
         loss, mse, codes, _ = self.loss(x_in, x_out)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.topk:
+        if self.unit_decoder:
             self._remove_parallel_decoder_grad()
         self.opt.step()
-        if self.topk:
+        if self.unit_decoder:
             with torch.no_grad():
                 self.sae.W_dec /= self.sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         if self.batch_topk:
             self._update_threshold(codes)
+        if self.jumprelu:
+            with torch.no_grad():
+                self.sae.threshold.copy_(self.log_threshold.exp())
         with torch.no_grad():
             if isinstance(codes, Codes):
                 fired, l0 = codes.fired(self.sae.cfg.d_sae), codes.l0()
@@ -356,9 +433,14 @@ class DictionaryTrainer:
         sae.W_dec[dead] = direction_out
         # Anthropic's 0.2 keeps a revived ReLU latent small; under BatchTopK a latent that small never passes the
         # batch's threshold and dies again, so it starts at the alive latents' scale.
-        sae.W_enc[:, dead] = (direction_in * enc_norm * (1.0 if self.batch_topk else 0.2)).T
+        sae.W_enc[:, dead] = (direction_in * enc_norm * (1.0 if self.batch_topk or self.jumprelu else 0.2)).T
         sae.b_enc[dead] = 0.0
-        for p in (sae.W_enc, sae.b_enc, sae.W_dec):
+        revived = [sae.W_enc, sae.b_enc, sae.W_dec]
+        if self.jumprelu:  # a revived latent starts at the alive latents' typical threshold
+            self.log_threshold[dead] = self.log_threshold[alive].median() if alive.any() else self.log_threshold[dead]
+            sae.threshold.copy_(self.log_threshold.exp())
+            revived.append(self.log_threshold)
+        for p in revived:
             state = self.opt.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
@@ -379,6 +461,8 @@ class DictionaryTrainer:
                 if torch.is_tensor(buf):
                     tensors[f"opt.{i}.{key}"] = buf.reshape(buf.shape) if buf.dim() else buf.reshape(1)
         tensors["since_fired"] = self.since_fired
+        if self.jumprelu:
+            tensors["log_threshold"] = self.log_threshold.detach()
         tensors["generator_state"] = self.generator.get_state()
         atomic_save_tensors(tensors, directory / "trainer.safetensors")
         atomic_write_json(directory / "trainer.json", {"step": self.step_count, "config": asdict(self.cfg)})
@@ -390,6 +474,9 @@ class DictionaryTrainer:
             raise ValueError(f"{directory}: checkpoint was written with another TrainConfig; resume with the same settings")
         tensors = read_tensors(directory / "trainer.safetensors")
         self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        if self.jumprelu:
+            with torch.no_grad():
+                self.log_threshold.copy_(tensors["log_threshold"].to(self.log_threshold.device))
         for i, p in enumerate(self.params):
             state = {}
             for key in ("step", "exp_avg", "exp_avg_sq"):

@@ -34,6 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="jumprelu: trained as BatchTopK (mean L0 --k), used with its learned threshold")
     p.add_argument("--k", type=int, default=None, help="TopK's k, or BatchTopK's mean L0 (default: the recipe's for this site)")
     p.add_argument("--l1", type=float, default=None, help="L1 coefficient for --activation relu")
+    p.add_argument("--l0", type=float, default=None,
+                   help="with --activation jumprelu: train it directly with this L0 coefficient and learned per-latent "
+                        "thresholds (Rajamanoharan et al. 2024) instead of as BatchTopK; --k is then not used")
+    p.add_argument("--bandwidth", type=float, default=None, help="with --l0: the straight-through kernel's width")
+    p.add_argument("--init-threshold", type=float, default=None, help="with --l0: the thresholds' starting value")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's for this site)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     p.add_argument("--resample-every", type=int, default=None,
@@ -65,7 +70,12 @@ def trial_spec(model, args: argparse.Namespace):
         if args.d_sae <= 0:
             raise ValueError(f"--d-sae must be positive, got {args.d_sae}")
         changes["d_sae"] = args.d_sae
-    if args.activation in ("topk", "jumprelu"):
+    direct = args.activation == "jumprelu" and args.l0 is not None
+    if args.l0 is not None and args.activation != "jumprelu":
+        raise ValueError("--l0 trains a JumpReLU dictionary directly; give it with --activation jumprelu")
+    if (args.bandwidth is not None or args.init_threshold is not None) and args.l0 is None:
+        raise ValueError("--bandwidth and --init-threshold only apply to JumpReLU trained directly (--l0)")
+    if args.activation in ("topk", "jumprelu") and not direct:
         changes["k"] = args.k if args.k is not None else (spec.k or recipe.K)
     else:
         changes["k"] = None
@@ -89,6 +99,12 @@ def trial_spec(model, args: argparse.Namespace):
             raise ValueError(f"--matryoshka takes comma-separated integers such as 128,512, got {args.matryoshka!r}") from None
         if over["matryoshka"][-1] >= spec.d_sae:
             raise ValueError(f"--matryoshka prefixes must be below --d-sae ({spec.d_sae}), got {args.matryoshka}")
+    if direct:
+        over.update(l0_coefficient=args.l0, aux_k=None)
+        if args.bandwidth is not None:
+            over["jumprelu_bandwidth"] = args.bandwidth
+        if args.init_threshold is not None:
+            over["jumprelu_init_threshold"] = args.init_threshold
     if args.activation == "relu":
         if args.l1 is None:
             raise ValueError("--activation relu needs --l1 (the L1 coefficient, e.g. 3e-3)")

@@ -70,11 +70,14 @@ def test_transcoder_learns_a_sparse_map():
     assert reconstruct(sae, x).shape == (x.shape[0], 10)
 
 
-@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+@pytest.mark.parametrize("activation", ["topk", "jumprelu", "jumprelu-l0"])
 def test_resume_gives_the_same_dictionary(tmp_path, activation):
     _, batches = planted_data(seed=5)
-    spec = DictionarySpec("sae", 0, 16, 32, 16, "x", "x", activation=activation, k=4)
-    cfg = TrainConfig(steps=40, lr=3e-3, warmup_steps=5, aux_k=4, dead_after_tokens=1024, seed=2)
+    direct = activation == "jumprelu-l0"  # JumpReLU trained directly: thresholds and their Adam state resume
+    activation = "jumprelu" if direct else activation
+    spec = DictionarySpec("sae", 0, 16, 32, 16, "x", "x", activation=activation, k=None if direct else 4)
+    cfg = TrainConfig(steps=40, lr=3e-3, warmup_steps=5, aux_k=4, dead_after_tokens=1024, seed=2, resample_every=10,
+                      l0_coefficient=0.05 if direct else None, jumprelu_bandwidth=0.1, jumprelu_init_threshold=0.1)
     straight = build_dictionary(spec, seed=0)
     train_dictionary(straight, batches(), cfg, progress=False)
     ckpt = tmp_path / "ckpt"
@@ -134,7 +137,7 @@ def test_batch_topk_threshold_gives_the_target_l0_and_adapts_per_token():
 
 def test_jumprelu_without_a_batch_topk_target_is_refused():
     sae = build_dictionary(DictionarySpec("sae", 0, 4, 8, 4, "x", "x", activation="jumprelu"))
-    with pytest.raises(ValueError, match="BatchTopK target"):
+    with pytest.raises(ValueError, match="BatchTopK target.*l0_coefficient"):
         DictionaryTrainer(sae, TrainConfig(steps=5))
 
 
@@ -216,3 +219,51 @@ def test_matryoshka_prefix_reconstructs_alone_and_resumes(tmp_path):
         TrainConfig(steps=5, matryoshka=(32, 8))
     with pytest.raises(ValueError, match="below its d_sae"):
         DictionaryTrainer(sae, TrainConfig(steps=5, matryoshka=(64,)))
+
+
+def test_jumprelu_trained_directly_learns_per_latent_thresholds_and_the_features():
+    """JumpReLU with an L0 penalty (no BatchTopK target): the thresholds learn, one per latent, through the
+    straight-through estimator; L0 falls to about the planted data's own, and the planted directions are found.
+    Measured here: L0 3.1 against 3.2 planted, 28 of 32 directions above 0.9."""
+    dirs, batches = planted_data(p_active=0.1)
+    sae = build_dictionary(DictionarySpec("sae", 0, 16, 64, 16, "x", "x", activation="jumprelu"), seed=0)
+    cfg = TrainConfig(steps=3000, lr=3e-3, warmup_steps=20, l0_coefficient=0.05, jumprelu_bandwidth=0.1,
+                      jumprelu_init_threshold=0.1, dead_after_tokens=20_000)
+    train_dictionary(sae, batches(), cfg, progress=False)
+    th = sae.threshold.detach()
+    assert float(th.min()) > cfg.jumprelu_init_threshold and float(th.std()) > 0.01, th  # raised, and per latent
+    g = torch.Generator().manual_seed(99)
+    on = torch.rand(4096, 32, generator=g) < 0.1
+    x = (on * (torch.rand(4096, 32, generator=g) + 0.5)) @ dirs
+    l0 = float((encode(sae, x) > 0).sum(-1).float().mean())
+    assert abs(l0 - float(on.sum(-1).float().mean())) < 1.0, l0
+    assert normalised_mse(sae, x) < 0.2
+    assert (best_cosines(sae, dirs) > 0.9).float().mean() >= 0.75
+
+
+def test_jumprelu_pseudo_derivatives():
+    """The straight-through estimator of Rajamanoharan et al. 2024: d/dtheta of pre * H(pre - theta) is
+    -theta / eps inside the kernel's window around theta and 0 outside; of H(pre - theta), -1 / eps; the
+    JumpReLU passes the gradient to pre where it fires; the step passes none to pre."""
+    from saes.train import _JumpReLU, _Step
+
+    eps = 0.2
+    theta = torch.tensor([0.5, 0.5, 0.5, 0.5], requires_grad=True)
+    pre = torch.tensor([[0.45, 0.58, 0.75, 0.2]], requires_grad=True)  # in the window (2), above, below
+    out = _JumpReLU.apply(pre, theta, eps)
+    torch.testing.assert_close(out.detach(), torch.tensor([[0.0, 0.58, 0.75, 0.0]]))
+    out.sum().backward()
+    torch.testing.assert_close(theta.grad, torch.tensor([-0.5 / eps, -0.5 / eps, 0.0, 0.0]))
+    torch.testing.assert_close(pre.grad, torch.tensor([[0.0, 1.0, 1.0, 0.0]]))
+    theta.grad = pre.grad = None
+    _Step.apply(pre, theta, eps).sum().backward()
+    torch.testing.assert_close(theta.grad, torch.tensor([-1 / eps, -1 / eps, 0.0, 0.0]))
+    assert pre.grad is None or not pre.grad.any()
+
+
+def test_l0_coefficient_needs_a_jumprelu_without_target():
+    with pytest.raises(ValueError, match="l0_coefficient"):
+        DictionaryTrainer(build_dictionary(DictionarySpec("sae", 0, 4, 8, 4, "x", "x", activation="topk", k=2)),
+                          TrainConfig(steps=5, l0_coefficient=0.1))
+    with pytest.raises(ValueError, match="l0_coefficient"):
+        TrainConfig(steps=5, l0_coefficient=-1.0)

@@ -29,7 +29,17 @@ def test_a_trial_replaces_only_the_given_settings(model):
     (["--site", "mlp9"], "unknown site 'mlp9'"),
     (["--site", "mlp0", "--d-sae", "0"], "--d-sae must be positive"),
     (["--site", "mlp0", "--activation", "relu"], "needs --l1"),
+    (["--site", "mlp0", "--l0", "0.01"], "--l0 trains a JumpReLU"),
+    (["--site", "mlp0", "--activation", "jumprelu", "--bandwidth", "0.1"], "only apply to JumpReLU trained directly"),
 ])
 def test_a_trial_that_cannot_be_built_is_refused_by_name(model, argv, message):
     with pytest.raises(ValueError, match=message):
         trial_spec(model, parse_args(argv + ["--out", "x"]))
+
+
+def test_a_direct_jumprelu_trial_has_no_batch_topk_target(model):
+    args = parse_args(["--site", "mlp2", "--activation", "jumprelu", "--l0", "0.003", "--bandwidth", "0.1",
+                       "--init-threshold", "0.2", "--out", "x"])
+    spec, cfg = trial_spec(model, args)
+    assert spec.activation == "jumprelu" and spec.k is None
+    assert (cfg.l0_coefficient, cfg.jumprelu_bandwidth, cfg.jumprelu_init_threshold, cfg.aux_k) == (0.003, 0.1, 0.2, None)

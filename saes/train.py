@@ -470,8 +470,14 @@ class DictionaryTrainer:
     def load_checkpoint(self, directory: Path) -> None:
         directory = Path(directory)
         meta = read_json(directory / "trainer.json")
-        if meta["config"] != json.loads(json.dumps(asdict(self.cfg))):
-            raise ValueError(f"{directory}: checkpoint was written with another TrainConfig; resume with the same settings")
+        ours = json.loads(json.dumps(asdict(self.cfg)))
+        # A checkpoint from before a field existed was trained with that field's default.
+        defaults = json.loads(json.dumps(asdict(TrainConfig(steps=1))))
+        saved = {**{k: defaults[k] for k in ours if k != "steps"}, **meta["config"]}
+        if saved != ours:
+            differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+            raise ValueError(f"{directory}: checkpoint was written with another TrainConfig (differs in {', '.join(differ)});"
+                             " resume with the same settings")
         tensors = read_tensors(directory / "trainer.safetensors")
         self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
         if self.jumprelu:

@@ -1,6 +1,7 @@
 """The trainer learns: loss falls, planted sparse features are recovered, resuming equals not stopping."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -267,3 +268,26 @@ def test_l0_coefficient_needs_a_jumprelu_without_target():
                           TrainConfig(steps=5, l0_coefficient=0.1))
     with pytest.raises(ValueError, match="l0_coefficient"):
         TrainConfig(steps=5, l0_coefficient=-1.0)
+
+
+def test_resume_refuses_other_settings_by_name_and_accepts_fields_added_since(tmp_path):
+    _, batches = planted_data(seed=5)
+    spec = DictionarySpec("sae", 0, 16, 32, 16, "x", "x", activation="topk", k=4)
+    cfg = TrainConfig(steps=10, lr=3e-3, warmup_steps=2, aux_k=4)
+    trainer = DictionaryTrainer(build_dictionary(spec, seed=0), cfg)
+    trainer.step(next(batches()))
+    trainer.save_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="differs in lr"):
+        DictionaryTrainer(build_dictionary(spec, seed=0), dataclasses.replace(cfg, lr=1e-3)).load_checkpoint(tmp_path)
+    meta = json.loads((tmp_path / "trainer.json").read_text())
+    for field in ("matryoshka", "l0_coefficient", "jumprelu_bandwidth"):  # as written before these fields existed
+        del meta["config"][field]
+    (tmp_path / "trainer.json").write_text(json.dumps(meta))
+    resumed = DictionaryTrainer(build_dictionary(spec, seed=1), cfg)
+    resumed.load_checkpoint(tmp_path)
+    assert resumed.step_count == 1
+    torch.testing.assert_close(resumed.sae.W_enc, trainer.sae.W_enc)
+    meta["config"]["l0_coefficient"] = 0.5
+    (tmp_path / "trainer.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="differs in l0_coefficient"):
+        DictionaryTrainer(build_dictionary(spec, seed=0), cfg).load_checkpoint(tmp_path)

@@ -76,11 +76,11 @@ class TrainConfig:
     # here (increasing, below d_sae), and average those losses with the full one; TopK and BatchTopK only.
     matryoshka: tuple[int, ...] | None = None
     # JumpReLU trained directly (a JumpReLU dictionary without a BatchTopK target): the L0 penalty's weight, the
-    # width of the straight-through kernel around each threshold, and the thresholds' starting value (sae-lens's
-    # defaults for the last two; they assume inputs of about unit scale per dimension).
+    # width of the straight-through kernel around each threshold, and the thresholds' starting value (sae-lens 6's
+    # defaults for the last two; both are in units of the pre-activations, so they depend on the input's scale).
     l0_coefficient: float | None = None
-    jumprelu_bandwidth: float = 1e-3
-    jumprelu_init_threshold: float = 1e-3
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.01
 
     def __post_init__(self) -> None:
         if self.steps <= 0:

@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--l1", type=float, default=None, help="L1 coefficient for --activation relu")
     p.add_argument("--l0", type=float, default=None,
                    help="with --activation jumprelu: train it directly with this L0 coefficient and learned per-latent "
-                        "thresholds (Rajamanoharan et al. 2024) instead of as BatchTopK; --k is then not used")
+                        "thresholds (Rajamanoharan et al. 2024) instead of as BatchTopK (without --k)")
     p.add_argument("--bandwidth", type=float, default=None, help="with --l0: the straight-through kernel's width")
     p.add_argument("--init-threshold", type=float, default=None, help="with --l0: the thresholds' starting value")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's for this site)")
@@ -73,6 +73,8 @@ def trial_spec(model, args: argparse.Namespace):
     direct = args.activation == "jumprelu" and args.l0 is not None
     if args.l0 is not None and args.activation != "jumprelu":
         raise ValueError("--l0 trains a JumpReLU dictionary directly; give it with --activation jumprelu")
+    if direct and args.k is not None:
+        raise ValueError("--k sets a TopK or BatchTopK target; with --l0 the L0 follows from the coefficient, so drop --k")
     if (args.bandwidth is not None or args.init_threshold is not None) and args.l0 is None:
         raise ValueError("--bandwidth and --init-threshold only apply to JumpReLU trained directly (--l0)")
     if args.activation in ("topk", "jumprelu") and not direct:

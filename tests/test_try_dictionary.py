@@ -30,6 +30,7 @@ def test_a_trial_replaces_only_the_given_settings(model):
     (["--site", "mlp0", "--d-sae", "0"], "--d-sae must be positive"),
     (["--site", "mlp0", "--activation", "relu"], "needs --l1"),
     (["--site", "mlp0", "--l0", "0.01"], "--l0 trains a JumpReLU"),
+    (["--site", "mlp0", "--activation", "jumprelu", "--l0", "0.01", "--k", "16"], "drop --k"),
     (["--site", "mlp0", "--activation", "jumprelu", "--bandwidth", "0.1"], "only apply to JumpReLU trained directly"),
 ])
 def test_a_trial_that_cannot_be_built_is_refused_by_name(model, argv, message):

@@ -15,10 +15,17 @@ and the dictionaries have not isolated it; if the probe cannot, no dictionary on
 4. On the evaluation half, score the probe as a feature, ``ReLU(logit + shift)`` for each shift, with the
    scorecard's own specificity and sensitivity (``analysis.scorecard.class_scores``); a larger shift lets the
    probe fire more widely (more sensitive, less specific).
+
+A second reference, for a class narrowed by what follows it (the full stop): the model's own prediction
+(``model_prediction_reference``). On each token of the class's texts, the probability the model gives that the
+next token satisfies the class's context rule, kept where it is above a threshold, scored as a feature over all
+the tokens (nothing is fitted). It shows what the model itself knows at its output about a class that is defined
+by a token it has not yet seen.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +36,8 @@ from torch import Tensor
 from analysis.scorecard import TokenClass, TokenSet, class_mask, class_scores, vocab_texts
 
 SHIFTS = (0.0, 1.0, 2.0, 4.0)
+PREDICTION_THRESHOLDS = (0.0, 0.3, 0.5, 0.7)
+LOGIT_BYTES = 2**28  # the most logits (in bytes) one batch of the prediction reference holds
 
 
 @dataclass(frozen=True)
@@ -125,3 +134,58 @@ def probe_hooks(model, token_class: TokenClass, hooks: list[str], tokens: TokenS
             rows.append({"shift": shift, "specificity": round(sc.specificity, 4), "sensitivity": round(sc.sensitivity, 4)})
         results.append(ProbeResult(hook, len(fit), len(ev), int(mask[ev].sum()), round(accuracy, 4), rows))
     return results
+
+
+@torch.inference_mode()
+def model_prediction_reference(model, token_class: TokenClass, tokens: TokenSet,
+                               thresholds: tuple[float, ...] = PREDICTION_THRESHOLDS,
+                               batch_rows: int = 32) -> dict[str, Any]:
+    """The model's own next-token prediction scored as a feature of ``token_class``.
+
+    1. The class's member tokens (by stripped text) and, for each, the tokens that may follow it for the context
+       rule to hold (``class_mask``'s test: the member's trailing whitespace, then the next token's text; special
+       tokens read as the end of the text).
+    2. One forward pass over ``tokens``; at every member token, the softmax mass on those followers.
+    3. For each threshold, that probability where it is above the threshold and 0 elsewhere, scored with the
+       scorecard's specificity and sensitivity against the class mask.
+    """
+    if token_class.followed_by is None:
+        raise ValueError(f"token class {token_class.name!r} has no context rule: the model's prediction is a reference "
+                         "only for a class narrowed by what follows, such as the full stop '.'")
+    texts = vocab_texts(model.tokenizer, model.cfg.d_vocab)
+    mask = class_mask(token_class, tokens, texts)  # raises when no token of the vocabulary has the class's text
+    rule = re.compile(token_class.followed_by)
+    members = [i for i, t in enumerate(texts) if t.strip() in token_class.texts]
+    # 1. followers per trailing whitespace (members with the same trailing whitespace share them)
+    tails = {i: texts[i][len(texts[i].rstrip()):] for i in members}
+    followers = {tail: torch.tensor([bool(rule.match(tail + t)) for t in texts]) for tail in set(tails.values())}
+    device = next(model.parameters()).device
+    is_member = torch.zeros(len(texts), dtype=torch.bool)
+    is_member[members] = True
+    # 2. the probability at each member token (BOS column excluded, as in every statistic)
+    prob = torch.zeros(tokens.rows.shape, dtype=torch.float64)
+    n_ctx, d_vocab = tokens.rows.shape[1], model.cfg.d_vocab
+    rows_per_batch = max(1, min(batch_rows, LOGIT_BYTES // (4 * n_ctx * d_vocab)))
+    for start in range(0, tokens.rows.shape[0], rows_per_batch):
+        batch = tokens.rows[start : start + rows_per_batch]
+        at = is_member[batch]
+        at[:, 0] = False
+        if not at.any():
+            continue
+        logits = model(batch.to(device))
+        probs = logits[at.to(device)].float().softmax(-1).cpu()  # [n_at, d_vocab]
+        ok = torch.stack([followers[tails[int(t)]] for t in batch[at]])
+        prob[start : start + rows_per_batch][at] = (probs * ok).sum(-1).double()
+    if not torch.isfinite(prob).all():
+        raise ValueError("the model's logits hold NaN or inf; check the model and its input")
+    # 3. scored as a feature at each threshold
+    by_threshold = []
+    for thr in thresholds:
+        sc = class_scores(torch.where(prob > thr, prob, torch.zeros(())), mask)
+        by_threshold.append({"threshold": thr, "specificity": round(sc.specificity, 4), "sensitivity": round(sc.sensitivity, 4)})
+    at_members = is_member[tokens.rows]
+    at_members[:, 0] = False
+    accuracy = float(((prob[at_members] > 0.5) == mask[at_members]).double().mean())
+    best = max(by_threshold, key=lambda r: (min(r["specificity"], r["sensitivity"]), r["specificity"]))
+    return {"n_member_tokens": int(at_members.sum()), "n_class": int(mask.sum()), "accuracy_at_0.5": round(accuracy, 4),
+            "by_threshold": by_threshold, "best": best}

@@ -3,7 +3,9 @@
     circuits probe --model mini --token . --out DIR [--hooks HOOK ...] [--n-tokens N]
 
 The reference for the detector search (``analysis/probes.py``): the probe is scored as a feature, with the
-scorecard's specificity and sensitivity, on a held-out half of the tokens. Writes ``DIR/probes.json``.
+scorecard's specificity and sensitivity, on a held-out half of the tokens. For a class narrowed by what follows
+(the full stop), also the model's own next-token prediction scored the same way, over all the tokens. Writes
+``DIR/probes.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def register(sub) -> None:
 def run_probe(args: argparse.Namespace) -> int:
     if args.n_tokens is not None and args.n_tokens <= 0:
         raise ValueError(f"--n-tokens must be positive, got {args.n_tokens}")
-    from analysis.probes import ProbeConfig, probe_hooks
+    from analysis.probes import ProbeConfig, model_prediction_reference, probe_hooks
     from analysis.scorecard import heldout_token_set, parse_token_class
     from saes.dictionary import spec_of
 
@@ -39,11 +41,18 @@ def run_probe(args: argparse.Namespace) -> int:
     tokens = heldout_token_set(suite.model, args.n_tokens)
     cfg = ProbeConfig()
     results = probe_hooks(suite.model, token_class, hooks, tokens, cfg)
+    prediction = (model_prediction_reference(suite.model, token_class, tokens, batch_rows=cfg.batch_rows)
+                  if token_class.followed_by is not None else None)
     write_json(args.out / "probes.json", {"token_class": token_class.to_json(), "config": dataclasses.asdict(cfg),
-                                          "n_tokens": tokens.n_tokens, "probes": [r.to_json() for r in results]})
+                                          "n_tokens": tokens.n_tokens, "probes": [r.to_json() for r in results],
+                                          "model_prediction": prediction})
     print(f"{'hook':<32} {'accuracy':>8}  best shift  {'spec':>6} {'sens':>6}")
     for r in results:
         b = r.best
         print(f"{r.hook:<32} {r.accuracy:>8.3f}  {b['shift']:>10.1f}  {b['specificity']:>6.3f} {b['sensitivity']:>6.3f}")
+    if prediction is not None:
+        b, label = prediction["best"], "model's next-token prediction"
+        print(f"{label:<32} {prediction['accuracy_at_0.5']:>8.3f}  "
+              f"above {b['threshold']:>4.1f}  {b['specificity']:>6.3f} {b['sensitivity']:>6.3f}")
     print(f"wrote {args.out / 'probes.json'}")
     return 0

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from analysis.probes import collect_hook, fit_logistic, probe_hooks
-from analysis.scorecard import class_mask, class_scores, vocab_texts
+from analysis.probes import collect_hook, fit_logistic, model_prediction_reference, probe_hooks
+from analysis.scorecard import FULL_STOP, class_mask, class_scores, token_set_from_texts, vocab_texts
 from dashboard_fixtures import planted_suite, save_suite, tiny_tokens
 
 HOOK = "blocks.0.ln2.hook_normalized"
@@ -61,4 +61,53 @@ def test_cli_probe_writes_json(planted, tmp_path, capsys):
     assert hooks[0] == "blocks.0.attn.hook_z" and HOOK in hooks  # every dictionary input, in suite order
     (planted_hook,) = [p for p in report["probes"] if p["hook"] == HOOK]
     assert planted_hook["best"]["specificity"] > 0.9 and planted_hook["best"]["sensitivity"] > 0.9
+    assert report["model_prediction"] is None  # `import` has no context rule
     assert main(["probe", "--model", "planted", "--suite-dir", str(suite_dir), "--n-tokens", "0", "--out", str(out)]) == 2
+
+
+# The model's own prediction as a reference for a class narrowed by what follows (the full stop).
+DOTS_TEXT = "The cat sat. x = os.path\nIt ran. y = a.b\n"  # per copy: two full stops, two attribute dots
+
+
+def _predicting(follower_text: str):
+    """A tiny suite whose unembedding predicts the token ``follower_text`` at every '.' and nothing in particular
+    elsewhere: the planted '.' direction (residual dimension 0, large on '.' only) is read into that token's logit."""
+    suite, _, _ = planted_suite(".")
+    model = suite.model
+    texts = vocab_texts(model.tokenizer, model.cfg.d_vocab)
+    follower = texts.index(follower_text)
+    with torch.no_grad():
+        model.unembed.W_U.zero_()
+        model.unembed.b_U.zero_()
+        model.unembed.W_U[0, follower] = 10.0
+    return suite, token_set_from_texts(model, [DOTS_TEXT] * 8)
+
+
+def test_the_model_prediction_reference_reads_the_prediction_at_the_token_itself():
+    suite, tokens = _predicting("\n")  # a newline after every '.': the model says "full stop" everywhere
+    texts = vocab_texts(suite.model.tokenizer, suite.model.cfg.d_vocab)
+    mask = class_mask(FULL_STOP, tokens, texts)
+    dots = torch.isin(tokens.rows, torch.tensor([i for i, t in enumerate(texts) if t.strip() == "."]))
+    dots[:, 0] = False
+    ref = model_prediction_reference(suite.model, FULL_STOP, tokens)
+    assert ref["n_member_tokens"] == int(dots.sum()) and ref["n_class"] == int(mask.sum()) > 0
+    share = int(mask.sum()) / int(dots.sum())  # every '.' fires alike, so the activation share is the class share
+    assert 0.3 < share < 0.7
+    for row in ref["by_threshold"]:
+        assert row["sensitivity"] == 1.0 and row["specificity"] == pytest.approx(share, abs=1e-3)
+    assert ref["accuracy_at_0.5"] == pytest.approx(share, abs=1e-3)
+
+
+def test_the_model_prediction_reference_is_zero_when_the_model_predicts_attribute_access():
+    suite, tokens = _predicting("p")  # a letter after every '.': never a full stop
+    ref = model_prediction_reference(suite.model, FULL_STOP, tokens)
+    kept = [row for row in ref["by_threshold"] if row["threshold"] > 0]
+    assert kept and all(row["sensitivity"] == 0.0 and row["specificity"] == 0.0 for row in kept)
+    # (at threshold 0 the tiny probabilities still count: the scorecard's firing rule is relative to the maximum)
+    assert ref["accuracy_at_0.5"] == pytest.approx(1 - ref["n_class"] / ref["n_member_tokens"], abs=1e-3)
+
+
+def test_the_model_prediction_reference_needs_a_context_rule(planted):
+    suite, token_class, tokens = planted
+    with pytest.raises(ValueError, match="no context rule"):
+        model_prediction_reference(suite.model, token_class, tokens)

@@ -12,11 +12,14 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(STAMP)
 
-# Also installs the `distributed` extra (Ray), pinned, so that the tests of `circuits batch run --backend ray` run.
-$(STAMP): requirements.lock pyproject.toml scripts/batch/requirements-distributed.lock
+# Also installs the `distributed` extra (Ray), pinned, so that the tests of `circuits batch run --backend ray` run,
+# and the test-only packages: Playwright (drives Debian's chromium), nbclient (runs the tutorial), circuit-tracer.
+$(STAMP): requirements.lock requirements-test.lock pyproject.toml scripts/batch/requirements-distributed.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r requirements.lock
 	$(BIN)/python -m pip install -q -r scripts/batch/requirements-distributed.lock -c requirements.lock
+	$(BIN)/python -m pip install -q -r requirements-test.lock -c requirements.lock
+	$(BIN)/python -m pip install -q --no-deps circuit-tracer==0.5.0
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

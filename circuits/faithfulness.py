@@ -13,7 +13,9 @@ Algorithm (Marks et al. 2024, "Sparse Feature Circuits"):
 4. ``F(C) = (m(C) - m(empty)) / (m(M) - m(empty))`` where m(C) ablates every feature and error node outside C
    (inactive features included), m(M) ablates nothing and m(empty) ablates everything. Completeness is
    ``F(M minus C)``, the model with only C ablated: near 0 means C holds what matters.
-5. The curve: C = the k nodes of largest |influence| of the circuit, for k = 0, 1, 2, 4, ... up to all of them.
+5. The curve: C = the first k feature, error and MLP-output nodes of the circuit ranked shown first, then by
+   graph influence, for k = 0, 1, 2, 4, ..., the number of shown ones, and all of them. The row whose
+   ``n_nodes`` is the shown count has ``shown: true``: the faithfulness of the view pruning shows.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from circuits.graph import Circuit
+from circuits.graph import Circuit, Node
+from circuits.sites import ERROR_KINDS, FEATURE_KINDS, TOKEN_KINDS
 from circuits.linear_model import LinearisedModel
 from circuits.targets import AttentionScoreTarget, DirectionTarget, FeatureTarget, LogitTarget, Target
 from saes.dictionary import decode, encode, pre_activation
@@ -105,7 +108,7 @@ def run_spliced(lm: LinearisedModel, target: Target, ablation: Ablation) -> floa
     return float(seen["metric"])
 
 
-def ablation_keeping(lm: LinearisedModel, nodes: list[dict], complement: bool = False) -> Ablation:
+def ablation_keeping(lm: LinearisedModel, nodes: list[Node], complement: bool = False) -> Ablation:
     """Keep exactly the feature and error ``nodes`` (or, with ``complement``, everything but them)."""
     features, errors = {}, {}
     for layer in range(lm.n_layers):
@@ -114,28 +117,29 @@ def ablation_keeping(lm: LinearisedModel, nodes: list[dict], complement: bool = 
             features[(kind, layer)] = torch.full((lm.n_pos, d_sae), complement, dtype=torch.bool, device=lm.device)
             errors[(kind, layer)] = torch.full((lm.n_pos,), complement, dtype=torch.bool, device=lm.device)
     for n in nodes:
-        if n["kind"] in ("attn_feature", "mlp_feature"):
-            features[(n["kind"], n["layer"])][n["pos"], n["feature"]] = not complement
-        elif n["kind"] in ("attn_error", "mlp_error"):
-            errors[("attn_feature" if n["kind"] == "attn_error" else "mlp_feature", n["layer"])][n["pos"]] = not complement
+        if n.kind in FEATURE_KINDS:
+            features[(n.kind, n.layer)][n.pos, n.feature] = not complement
+        elif n.kind in ERROR_KINDS:
+            errors[(n.kind.replace("error", "feature"), n.layer)][n.pos] = not complement
     return Ablation(features, errors)
 
 
 def faithfulness_curve(lm: LinearisedModel, target: Target, circuit: Circuit, max_points: int = 12) -> list[dict[str, float]]:
-    """Steps 4-5: rows ``{n_nodes, faithfulness, completeness, metric}`` for growing circuits."""
-    ranked = sorted((n for n in circuit.nodes if n["kind"] not in ("embed", "pos_embed", "target")),
-                    key=lambda n: -abs(n["influence"]))
+    """Steps 4-5: rows ``{n_nodes, faithfulness, completeness, metric, shown}`` for growing circuits."""
+    ranked = sorted((n for n in circuit.nodes() if n.kind not in TOKEN_KINDS and n.kind != "target"),
+                    key=lambda n: (not n.shown, -abs(n.influence)))
+    n_shown = sum(n.shown for n in ranked)
     m_full = run_spliced(lm, target, Ablation({}, {}))
     m_empty = run_spliced(lm, target, ablation_keeping(lm, []))
     span = m_full - m_empty
-    sizes = sorted({0, len(ranked)} | {min(2**i, len(ranked)) for i in range(max_points)})
+    sizes = sorted({0, n_shown, len(ranked)} | {min(2**i, len(ranked)) for i in range(max_points)})
     rows = []
     for k in sizes:
         chosen = ranked[:k]
         m_c = run_spliced(lm, target, ablation_keeping(lm, chosen))
         m_rest = run_spliced(lm, target, ablation_keeping(lm, chosen, complement=True))
         rows.append(dict(
-            n_nodes=k, metric=m_c,
+            n_nodes=k, metric=m_c, shown=k == n_shown,
             faithfulness=(m_c - m_empty) / span if span != 0 else float("nan"),
             completeness=(m_rest - m_empty) / span if span != 0 else float("nan"),
         ))

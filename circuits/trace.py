@@ -4,8 +4,11 @@
 2. Choose the target: the parsed text spec, or by default the most active transcoder feature at the last
    position of the deepest layer.
 3. Attribute (hierarchical pass, then batched edges), checking every node's completeness identity.
-4. Build the ``Circuit``; add the QK pair decomposition for an attention-score target, the replacement and
-   completeness scores, and the faithfulness curve by ablation in the real model.
+4. Build the ``Circuit`` (tensors); add the QK pair decomposition for an attention-score target.
+5. Graph influence, the scores, and pruning by influence (``influence.score_and_prune``): the circuit keeps
+   every node and edge of step 3 and marks with ``shown`` what pruning at ``prune`` (node, edge) keeps.
+6. The faithfulness curve by ablation in the real model, over nodes ranked shown first, then by influence,
+   with a point at the shown view's size: it describes both the shown view and the whole circuit.
 """
 
 from __future__ import annotations
@@ -13,14 +16,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from circuits.attribution import Attribution, attribute
 from circuits.faithfulness import faithfulness_curve
-from circuits.graph import Circuit, build_circuit, node_id
-from circuits.influence import graph_scores
+from circuits.graph import Circuit, build_circuit
+from circuits.influence import DEFAULT_PRUNE, score_and_prune
 from circuits.linear_model import LinearisedModel
 from circuits.qk import qk_decomposition
+from circuits.sites import format_node_id
 from circuits.targets import AttentionScoreTarget, FeatureTarget, Target, parse_target
 from saes.suite import Suite
 
@@ -46,8 +48,25 @@ def default_target(lm: LinearisedModel) -> FeatureTarget:
     return FeatureTarget("mlp_feature", layer, int(group.feature[pos, j]), pos)
 
 
+def qk_table(lm: LinearisedModel, result: Attribution, target: AttentionScoreTarget) -> dict:
+    """The exact (query node, key node) table of an attention-score target, with both marginals."""
+    qk = qk_decomposition(lm, result.index, target)
+    index = result.index
+    names = lambda cols: [format_node_id(index.kind(c), index.layer(c), int(index.pos[c]), int(index.feature[c]))
+                          for c in cols.tolist()] + ["constant"]
+    return dict(query_nodes=names(qk.query_cols), key_nodes=names(qk.key_cols), pairs=qk.pairs.tolist(), score=qk.score,
+                query_marginal=qk.query_marginal.tolist(), key_marginal=qk.key_marginal.tolist(),
+                relative_residual=qk.relative_residual)
+
+
 def trace(suite: Suite, prompt: str, target: str | Target | None = None, threshold: float = 0.01,
-          batch_size: int = 64, faithfulness: bool = True, progress: bool = True) -> Trace:
+          batch_size: int = 64, faithfulness: bool = True, progress: bool = True,
+          prune: tuple[float, float] | None = DEFAULT_PRUNE) -> Trace:
+    """Steps 1-6 of the module docstring. ``prune=None`` shows every node and edge."""
+    if prune is not None:
+        for name, v in zip(("node", "edge"), prune):
+            if not 0 < v <= 1:
+                raise ValueError(f"the {name} pruning threshold must be in (0, 1], got {v}")
     tokens = suite.tokens(prompt)
     lm = LinearisedModel(suite, tokens)
     if isinstance(target, str):
@@ -55,13 +74,9 @@ def trace(suite: Suite, prompt: str, target: str | Target | None = None, thresho
     target = target or default_target(lm)
     result = attribute(lm, target, threshold=threshold, batch_size=batch_size, progress=progress)
     circuit = build_circuit(lm, result, prompt, suite.name)
-    circuit.scores = graph_scores(circuit)
     if isinstance(target, AttentionScoreTarget):
-        qk = qk_decomposition(lm, result.index, target)
-        names = lambda cols: [node_id(result.index.kind(c), result.index.layer(c), int(result.index.pos[c]),
-                                      int(result.index.feature[c])) for c in cols.tolist()] + ["constant"]
-        circuit.qk = dict(query_nodes=names(qk.query_cols), key_nodes=names(qk.key_cols), pairs=qk.pairs.tolist(),
-                          score=qk.score, relative_residual=qk.relative_residual)
+        circuit.qk = qk_table(lm, result, target)
+    score_and_prune(circuit, prune)
     if faithfulness:
         circuit.faithfulness = faithfulness_curve(lm, target, circuit)
     return Trace(circuit, result, lm, target)

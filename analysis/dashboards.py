@@ -21,7 +21,7 @@ import html
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from jaxtyping import Float
@@ -32,6 +32,8 @@ from analysis.scorecard import (
     FeatureActivations, TokenClass, TokenSet, check_features, collect_activations, dictionary_input,
     heldout_token_set, scorecard, vocab_texts, write_scorecard,
 )
+from circuits.graph import Node
+from circuits.sites import FEATURE_KINDS
 from saes.dictionary import encode, spec_of
 
 log = logging.getLogger(__name__)
@@ -315,30 +317,26 @@ def write_index(out_dir: Path, entries: list[dict[str, Any]], title: str) -> Pat
 # Circuit pages link to dashboards
 
 
-FEATURE_KINDS = {"attn_feature": "attn", "mlp_feature": "mlp"}
-
-
-def circuit_feature_requests(nodes: list[dict[str, Any]]) -> dict[str, list[int]]:
-    """``{dictionary: [features]}`` for the feature nodes of a circuit (node-link dicts with ``kind``, ``layer``,
-    ``feature``), in order of first appearance."""
+def circuit_feature_requests(nodes: Iterable[Node]) -> dict[str, list[int]]:
+    """``{dictionary: [features]}`` for the feature nodes of a circuit, in order of first appearance."""
     requests: dict[str, list[int]] = {}
     for n in nodes:
-        if n.get("kind") in FEATURE_KINDS:
-            feats = requests.setdefault(f"{FEATURE_KINDS[n['kind']]}{n['layer']}", [])
-            if int(n["feature"]) not in feats:
-                feats.append(int(n["feature"]))
+        if n.kind in FEATURE_KINDS:
+            feats = requests.setdefault(n.dictionary, [])
+            if n.feature not in feats:
+                feats.append(n.feature)
     return requests
 
 
-def write_circuit_dashboards(suite, nodes: list[dict[str, Any]], out_dir: Path, subdir: str = "dashboards",
+def write_circuit_dashboards(suite, nodes: Iterable[Node], out_dir: Path, subdir: str = "dashboards",
                              tokens: TokenSet | None = None, n_tokens: int = DEFAULT_TOKENS, progress: bool = False) -> dict[str, str]:
     """A dashboard for every feature node, in ``out_dir/subdir``; returns ``{node id: link relative to out_dir}``."""
+    nodes = list(nodes)
     requests = circuit_feature_requests(nodes)
     if not requests:
         return {}
     pages = write_feature_dashboards(suite, requests, Path(out_dir) / subdir, tokens=tokens, n_tokens=n_tokens, progress=progress)
-    return {n["id"]: f"{subdir}/{pages[(FEATURE_KINDS[n['kind']] + str(n['layer']), int(n['feature']))]}"
-            for n in nodes if n.get("kind") in FEATURE_KINDS}
+    return {n.id: f"{subdir}/{pages[(n.dictionary, n.feature)]}" for n in nodes if n.kind in FEATURE_KINDS}
 
 
 def link_graph_page(page: Path, links: dict[str, str]) -> None:

@@ -33,7 +33,8 @@
      - ids: token embeddings ``E_{token id}_{pos}`` (``feature`` = pos, layer ``E``); position embeddings are
        ``embedding`` nodes too, with ids ``P_{pos}_{pos}`` (layer ``E``, clerp ``position {pos}``); transcoder
        features ``{layer}_{feature}_{pos}``; attention-SAE features ``A{layer}_{feature}_{pos}``; errors and
-       MLP outputs ``0_{layer}_{pos}`` (MLP) and ``A0_{layer}_{pos}`` (attention), ``feature`` -1.
+       MLP outputs ``{layer}_-1_{pos}`` (MLP) and ``A{layer}_-1_{pos}`` (attention), ``feature`` -1 (circuit-tracer's
+       ``0_{layer}_{pos}`` would collide with the features of layer 0).
      - the target: a logit or logit-difference target is a ``logit`` node ``{n_layers + 1}_{token id}_{pos}``
        (the first token of a difference) with ``is_target_logit``; a feature target is a node of its own
        feature type with that feature's id; an attention-score target is a ``logit`` node
@@ -517,7 +518,7 @@ def neuronpedia_id(c: Circuit, i: int) -> tuple[str, str, int, str]:
     prefix = "A" if kind.startswith("attn") else ""
     if kind in FEATURE_KINDS:
         return f"{prefix}{layer}_{feat}_{pos}", str(layer), feat, ftype
-    return f"{prefix}0_{layer}_{pos}", str(layer), -1, ftype
+    return f"{prefix}{layer}_-1_{pos}", str(layer), -1, ftype
 
 
 def attribution_graph_json(circuit: Circuit, slug: str = "circuit", labels: dict[str, str] | None = None,

@@ -277,11 +277,11 @@ def test_summarize_counts_features_per_circuit(tmp_path, tiny_suite_dir, restore
     for row in s["circuits"]["overall"]["features"]:
         dictionary, feature = row["feature"].split(":")
         kind = "attn_feature" if dictionary.startswith("attn") else "mlp_feature"
-        sums = [sum(n["influence"] for n in c["nodes"] if n["kind"] == kind and n["layer"] == int(dictionary[-1])
+        sums = [sum(n["attribution"] for n in c["nodes"] if n["kind"] == kind and n["layer"] == int(dictionary[-1])
                     and n["feature"] == int(feature)) for c in circuits
                 if any(n["kind"] == kind and n["layer"] == int(dictionary[-1]) and n["feature"] == int(feature) for n in c["nodes"])]
         assert row["n_circuits"] == len(sums) and row["frequency"] == pytest.approx(len(sums) / 9)
-        assert row["mean_influence"] == pytest.approx(sum(sums) / len(sums), rel=1e-12, abs=1e-15)
+        assert row["mean_attribution"] == pytest.approx(sum(sums) / len(sums), rel=1e-12, abs=1e-15)
     assert json.loads((out / "summary.json").read_text())["counts"] == s["counts"]
     page = (out / "summary.html").read_text()
     assert "Plotly.newPlot" in page and 'src="http' not in page and len(page) > 1_000_000, "plotly.js inline, offline"

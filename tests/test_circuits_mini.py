@@ -45,7 +45,7 @@ def test_mini_completeness_and_intervention(lm):
     a = attribute(lm, target, threshold=0.01, progress=False)
     assert a.max_relative_residual <= 1e-4
     circuit = build_circuit(lm, a, PROMPT, "mini")
-    assert max(circuit.completeness_residuals().values()) <= 1e-4
+    assert float(circuit.completeness_residuals().max()) <= 1e-4
     index = a.index
     A = direct_effects(lm, index, reading_vectors(lm, [target]))[0]
     base = read_real(lm, target, *frozen_real_run(lm))

@@ -148,18 +148,19 @@ def test_circuit_nodes_link_to_their_dashboards(planted, tmp_path):
     from analysis.dashboards import circuit_feature_requests, link_graph_page, write_circuit_dashboards
 
     suite, cls, tokens = planted
-    nodes = [
-        {"id": "mlp0:5@2", "kind": "mlp_feature", "layer": 0, "feature": 5},
-        {"id": "attn1:3@1", "kind": "attn_feature", "layer": 1, "feature": 3},
-        {"id": "mlp0:5@4", "kind": "mlp_feature", "layer": 0, "feature": 5},
-        {"id": "mlp0:err@4", "kind": "mlp_error", "layer": 0, "feature": -1},
-        {"id": "emb@0", "kind": "embed", "layer": -1, "feature": -1},
-    ]
+    from circuits.graph import Node
+    from circuits.sites import format_node_id
+
+    def node(kind, layer, pos, feature):
+        return Node(0, format_node_id(kind, layer, pos, feature), kind, layer, pos, feature, "", 1.0, 1.0, 0.5, 0.0, 0.0, True)
+
+    nodes = [node("mlp_feature", 0, 2, 5), node("attn_feature", 1, 1, 3), node("mlp_feature", 0, 4, 5),
+             node("mlp_error", 0, 4, -1), node("embed", -1, 0, -1)]
     assert circuit_feature_requests(nodes) == {"mlp0": [5], "attn1": [3]}
     links = write_circuit_dashboards(suite, nodes, tmp_path, tokens=tokens)
     assert links == {"mlp0:5@2": "dashboards/mlp0_f5.html", "attn1:3@1": "dashboards/attn1_f3.html", "mlp0:5@4": "dashboards/mlp0_f5.html"}
     assert all((tmp_path / href).is_file() for href in links.values())
-    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="markers", hovertext=["<b>mlp0:5@2</b> (mlp_feature)", "<b>emb@0</b>"]))
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="markers", hovertext=["<b>mlp0:5@2</b> (mlp_feature)", "<b>embed@0</b>"]))
     page = tmp_path / "graph.html"
     fig.write_html(str(page), include_plotlyjs=False, full_html=True)
     link_graph_page(page, links)

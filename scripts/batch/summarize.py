@@ -4,8 +4,9 @@
 2. Circuits: group the ok trace results by target *family*, the target spec without its position
    (``mlp3:211@7`` -> ``mlp3:211``), plus the group ``all``. For each feature (``mlp1:613``: dictionary and
    index, any position) count the circuits it appears in, and average over those circuits its attribution to
-   the target: ``influence`` (T_s of the hierarchical pass, summed over the feature's positions in that circuit),
-   the same divided by the target's value, and the direct edge weight.
+   the target: ``attribution`` (T_s of the hierarchical pass, summed over the feature's positions in that circuit),
+   the same divided by the target's value, and the direct edge weight. A job pruned by influence lists the nodes
+   of its shown view only.
 3. Dashboards: one index page linking every dashboard written, with its scorecard numbers.
 4. Write ``DIR/summary.json`` (machine-readable), ``DIR/summary.html`` (plotly, offline) and
    ``DIR/dashboards/index.html``, each atomically.
@@ -20,9 +21,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from circuits.sites import FEATURE_KINDS, feature_key
 from scripts.batch.worker import RESULTS, read_result
 
-FEATURE_KINDS = {"attn_feature": "attn", "mlp_feature": "mlp"}
 
 
 def target_family(spec: str) -> str:
@@ -51,20 +52,20 @@ def feature_table(circuits: list[dict[str, Any]]) -> list[dict[str, Any]]:
         per: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for n in c["nodes"]:
             if n["kind"] in FEATURE_KINDS:
-                key = f"{FEATURE_KINDS[n['kind']]}{n['layer']}:{n['feature']}"
-                per[key]["influence"] += n["influence"]
+                key = feature_key(n["kind"], n["layer"], n["feature"])
+                per[key]["attribution"] += n["attribution"]
                 per[key]["direct"] += n["direct"]
         tv = c["target_value"]
         for key, v in per.items():
             a = acc[key]
             a["n"] += 1
-            a["influence"] += v["influence"]
+            a["attribution"] += v["attribution"]
             a["direct"] += v["direct"]
-            a["relative"] += v["influence"] / tv if tv else 0.0
+            a["relative"] += v["attribution"] / tv if tv else 0.0
     total = len(circuits)
-    rows = [dict(feature=key, n_circuits=int(a["n"]), frequency=a["n"] / total, mean_influence=a["influence"] / a["n"],
-                 mean_relative_influence=a["relative"] / a["n"], mean_direct=a["direct"] / a["n"]) for key, a in acc.items()]
-    rows.sort(key=lambda r: (-r["n_circuits"], -abs(r["mean_influence"]), r["feature"]))
+    rows = [dict(feature=key, n_circuits=int(a["n"]), frequency=a["n"] / total, mean_attribution=a["attribution"] / a["n"],
+                 mean_relative_attribution=a["relative"] / a["n"], mean_direct=a["direct"] / a["n"]) for key, a in acc.items()]
+    rows.sort(key=lambda r: (-r["n_circuits"], -abs(r["mean_attribution"]), r["feature"]))
     return rows
 
 
@@ -106,9 +107,9 @@ def _bar(rows: list[dict[str, Any]], title: str, n: int = 25):
 
     rows = rows[:n][::-1]
     hover = [f"<b>{r['feature']}</b><br>in {r['n_circuits']} circuits ({r['frequency']:.1%})<br>mean attribution "
-             f"{r['mean_influence']:.4g} ({r['mean_relative_influence']:.1%} of target)<br>mean direct {r['mean_direct']:.4g}"
+             f"{r['mean_attribution']:.4g} ({r['mean_relative_attribution']:.1%} of target)<br>mean direct {r['mean_direct']:.4g}"
              for r in rows]
-    rel = [r["mean_relative_influence"] for r in rows]
+    rel = [r["mean_relative_attribution"] for r in rows]
     lim = max((abs(x) for x in rel), default=1.0) or 1.0
     fig = go.Figure(go.Bar(
         x=[r["frequency"] for r in rows], y=[r["feature"] for r in rows], orientation="h", hovertext=hover, hoverinfo="text",
@@ -163,6 +164,6 @@ def format_summary(summary: dict[str, Any], n: int = 10) -> str:
     if overall:
         out.append(f"{'feature':<14}{'circuits':>9}{'freq':>8}{'mean attr':>11}{'/target':>9}{'direct':>10}   (all targets)")
         for r in overall["features"][:n]:
-            out.append(f"{r['feature']:<14}{r['n_circuits']:>9}{r['frequency']:>8.1%}{r['mean_influence']:>11.4g}"
-                       f"{r['mean_relative_influence']:>9.1%}{r['mean_direct']:>10.4g}")
+            out.append(f"{r['feature']:<14}{r['n_circuits']:>9}{r['frequency']:>8.1%}{r['mean_attribution']:>11.4g}"
+                       f"{r['mean_relative_attribution']:>9.1%}{r['mean_direct']:>10.4g}")
     return "\n".join(out)

@@ -148,31 +148,26 @@ class BatchWorker:
         return self._token_sets[n_tokens]
 
     def _trace(self, job: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-        from circuits.influence import graph_scores, prune_by_influence
         from circuits.trace import trace
 
         result = trace(self.suite, job["prompt"], job["target"], threshold=job["threshold"], batch_size=self.plan.batch_size,
-                       faithfulness=job["faithfulness"], progress=False)
+                       faithfulness=job["faithfulness"], progress=False, prune=tuple(job["prune"]) if job["prune"] else None)
         c = result.circuit
-        if job["prune"]:
-            c = prune_by_influence(c, *job["prune"])
-            c.scores = graph_scores(c)
         out: dict[str, Any] = {}
         if self.config.save_graph:
             from circuits.graph import write_node_link
-            from saes.io import _atomic_target
 
-            with _atomic_target(Path(out_dir) / "graphs" / f"{job['id']}.json") as tmp:
-                write_node_link(c, Path(tmp))
+            write_node_link(c, Path(out_dir) / "graphs" / f"{job['id']}.json")  # the shown view, written atomically
             out["graph"] = f"graphs/{job['id']}.json"
-        direct = {e["source"]: e["weight"] for e in c.edges if e["target"] == "target"}
-        nodes = [dict(id=n["id"], kind=n["kind"], layer=n["layer"], pos=n["pos"], feature=n["feature"], token=n["token"],
-                      activation=n["activation"], influence=n["influence"], direct=direct.get(n["id"], 0.0))
-                 for n in c.nodes if n["kind"] != "target"]
+        view = c.shown_view()
+        direct = {view.ids[int(s)]: float(w) for s, w in zip(view.edge_src[view.edge_dst == 0], view.edge_weight[view.edge_dst == 0])}
+        nodes = [dict(id=n.id, kind=n.kind, layer=n.layer, pos=n.pos, feature=n.feature, token=n.token, activation=n.activation,
+                      attribution=n.attribution, influence=n.influence, direct=direct.get(n.id, 0.0))
+                 for n in view.nodes() if n.kind != "target"]
         out["circuit"] = dict(
             model=c.model, prompt=c.prompt, tokens=c.tokens, target=c.target, target_value=c.target_value,
-            threshold=c.threshold, max_relative_residual=c.max_relative_residual, scores=c.scores,
-            faithfulness=c.faithfulness, qk=c.qk, node_counts=c.counts(), edge_counts=c.edge_counts(), n_edges=len(c.edges),
+            threshold=c.threshold, pruning=c.pruning, max_relative_residual=c.max_relative_residual, scores=c.scores,
+            faithfulness=c.faithfulness, qk=c.qk, node_counts=view.counts(), edge_counts=view.edge_counts(), n_edges=view.n_edges,
             nodes=nodes,
         )
         return out

@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 SCHEMA = 1
 NODE_COLUMNS = ("kind", "layer", "pos", "feature", "activation", "attribution", "influence", "constant", "remainder", "shown")
 EDGE_COLUMNS = ("src", "dst", "weight", "shown")
+INDEX_COLUMNS = ("edge_src", "edge_dst", "head_edge")
 
 
 @dataclass(frozen=True)
@@ -283,12 +284,14 @@ class Circuit:
         node_mask = node_mask.clone()
         node_mask[0] = True
         edge_mask = edge_mask & node_mask[self.edge_src] & node_mask[self.edge_dst]
-        dropped = ~edge_mask
-        moved = torch.zeros(self.n_nodes, dtype=self.edge_weight.dtype).index_add_(0, self.edge_dst[dropped], self.edge_weight[dropped])
+        kept_edges = edge_mask.nonzero()[:, 0]
+        w = self.edge_weight.double()
+        moved = torch.zeros(self.n_nodes, dtype=torch.float64).index_add_(0, self.edge_dst, w)
+        moved.index_add_(0, self.edge_dst[kept_edges], w[kept_edges], alpha=-1)  # the dropped in-edges' sum
+        moved = moved.to(self.node_remainder.dtype)
         new_index = torch.full((self.n_nodes,), -1, dtype=torch.long)
         keep = node_mask.nonzero()[:, 0]
         new_index[keep] = torch.arange(len(keep))
-        kept_edges = edge_mask.nonzero()[:, 0]
         new_edge = torch.full((self.n_edges,), -1, dtype=torch.long)
         new_edge[kept_edges] = torch.arange(len(kept_edges))
         h = edge_mask[self.head_edge]
@@ -337,6 +340,8 @@ class Circuit:
         tensors.update({f"edge_{k}": getattr(self, f"edge_{k}") for k in EDGE_COLUMNS})
         tensors.update(head_edge=self.head_edge, head_weights=self.head_weights)
         tensors = {k: v.to(torch.uint8) if v.dtype == torch.bool else v for k, v in tensors.items()}
+        for k in INDEX_COLUMNS:  # node and edge indices fit in int32: a quarter of a large file
+            tensors[k] = tensors[k].to(torch.int32)
         atomic_save_tensors(tensors, directory / "graph.safetensors", metadata={"schema": str(SCHEMA)})
         meta = dict(
             schema=SCHEMA, model=self.model, prompt=self.prompt, tokens=self.tokens, token_ids=self.token_ids,
@@ -365,6 +370,8 @@ class Circuit:
             raise ValueError(f"{directory}/graph.safetensors lacks {missing}; rewrite it with `circuits trace`")
         for k in ("node_shown", "edge_shown"):
             t[k] = t[k].bool()
+        for k in INDEX_COLUMNS:
+            t[k] = t[k].long()
         info = meta["target"]
         info = TargetInfo(**{**info, "tokens": tuple(info["tokens"]), "coefficients": tuple(info["coefficients"])})
         c = cls(model=meta["model"], prompt=meta["prompt"], tokens=meta["tokens"], token_ids=meta["token_ids"], target_info=info,

@@ -60,27 +60,40 @@ def adjacency(circuit: Circuit, edge_mask: Bool[Tensor, "e"] | None = None,
     return Adjacency(src, dst, w / denom[dst], rem / denom)
 
 
+def _stage_runs(edge_stage: Int[Tensor, "e"]) -> tuple[Int[Tensor, "e"] | None, list[tuple[int, int, int]]]:
+    """Edges grouped by the stage of their destination, top stage first: ``(order, [(stage, start, stop)])``.
+
+    The circuit's edges come grouped by destination (readers in batches, nodes in stage order), so the groups are
+    usually runs already and ``order`` is None; otherwise one sort makes them so."""
+    order = None
+    for attempt in range(2):
+        s = edge_stage if order is None else edge_stage[order]
+        if len(s) == 0:
+            return order, []
+        change = (s[1:] != s[:-1]).nonzero()[:, 0] + 1
+        starts = [0] + change.tolist()
+        stops = starts[1:] + [len(s)]
+        stages = s[starts].tolist()
+        if len(set(stages)) == len(stages):
+            return order, sorted(zip(stages, starts, stops), reverse=True)
+        order = torch.argsort(edge_stage, descending=True, stable=True)
+    raise AssertionError("sorted edge stages must form one run per stage")
+
+
 def influence(circuit: Circuit, adj: Adjacency | None = None) -> Float[Tensor, "n"]:
-    """Step 2: the influence of every node on the target (node 0, which gets 0)."""
+    """Step 2: the influence of every node on the target (node 0, which gets 0).
+
+    The sweep goes over the destinations' stages from the top down: when the in-edges of the nodes of stage t are
+    read, those nodes' own influence is final (their out-edges all reach higher stages)."""
     adj = adj or adjacency(circuit)
-    n = circuit.n_nodes
-    stage = circuit.node_stage
-    out = torch.zeros(n, dtype=torch.float64)
-    weight = out.clone()  # I[dst] + [dst is the target], final for every node above the current stage
-    weight[0] = 1.0
-    src_stage = stage[adj.src]
-    order = torch.argsort(src_stage, descending=True, stable=True)
-    src, dst, norm = adj.src[order], adj.dst[order], adj.norm[order]
-    counts = torch.bincount(src_stage, minlength=int(stage.max()) + 1).flip(0).tolist()
-    start = 0
-    for count in counts:  # stages from the top down
-        if count == 0:
-            continue
-        sl = slice(start, start + count)
+    order, runs = _stage_runs(circuit.node_stage[adj.dst])
+    src, dst, norm = (adj.src, adj.dst, adj.norm) if order is None else (adj.src[order], adj.dst[order], adj.norm[order])
+    out = torch.zeros(circuit.n_nodes, dtype=torch.float64)
+    for _, start, stop in runs:
+        weight = out.clone()  # I[dst] + [dst is the target]
+        weight[0] += 1.0
+        sl = slice(start, stop)
         out.index_add_(0, src[sl], norm[sl] * weight[dst[sl]])
-        touched = src[sl]
-        weight[touched] = out[touched]
-        start += count
     out[0] = 0.0
     return out
 

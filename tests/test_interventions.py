@@ -78,7 +78,7 @@ def test_frozen_shift_moves_each_reader_by_delta_over_activation_times_edge(suit
         cols = [s for (s, d) in edge if d == 0 and index.kind(s) == kind]
         sources += sorted(cols, key=lambda s: -abs(edge[s, 0]))[:2]
     assert len(sources) >= 8
-    delta = 0.37
+    delta = 3.0
     nodes = readers[1:9]
     checked = 0
     for s in sources:

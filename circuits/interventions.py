@@ -177,6 +177,15 @@ def parse_node(node: Any, suite: Suite, n_pos: int) -> NodeRef:
         return NodeRef(f"{family}_error", layer, _position(pos_s, n_pos, spec))
     if m := _EMBED_NODE.match(spec):
         return NodeRef(m.group(1), -1, _position(m.group(2), n_pos, spec))
+    check_node_syntax(spec)
+    raise AssertionError("unreachable: the syntax check accepts only the forms above")
+
+
+def check_node_syntax(spec: str) -> None:
+    """Raise the parse error of :func:`parse_node` for text that is no node id, without a suite (for early checks)."""
+    spec = spec.strip()
+    if any(r.match(spec) for r in (_FEATURE_NODE, _ERROR_NODE, _EMBED_NODE)):
+        return
     hint = " (a node needs its position: add @P)" if re.match(r"^(attn|mlp)\d+(:\d+|\.error)$|^(pos_)?embed$", spec) else ""
     raise ValueError(f"cannot parse node {spec!r}{hint}; {NODE_SYNTAX}")
 
@@ -292,12 +301,16 @@ def _locate(lm: LinearisedModel, ref: NodeRef) -> tuple[int, int, float]:
     raise ValueError(f"{ref.id}: the linearised model has no {ref.kind} nodes at layer {ref.layer}")
 
 
-def _parse_interventions(interventions: Mapping[Any, Any], suite: Suite, n_pos: int) -> list[tuple[NodeRef, Value]]:
+def _parse_interventions(interventions, suite: Suite, n_pos: int) -> list[tuple[NodeRef, Value]]:
     """Step 1 without the clean pass: syntax, dictionaries, feature indices, positions, values, duplicates."""
-    if not isinstance(interventions, Mapping) or not interventions:
+    pairs = list(interventions.items() if isinstance(interventions, Mapping) else interventions)
+    if not pairs:
         raise ValueError("no intervention was given; set at least one node, e.g. {'mlp1:613@5': 0}")
     out, seen = [], set()
-    for node, value in interventions.items():
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(f"interventions must map nodes to values, or be (node, value) pairs; got {pair!r}")
+        node, value = pair
         ref = parse_node(node, suite, n_pos)
         val = parse_value(value, ref.id)
         if ref.id in seen:
@@ -517,12 +530,13 @@ def _activation_clean(lm: LinearisedModel, t: FeatureTarget) -> float:
     return float(encode(lm.dictionary(t.kind, t.layer), x.to(lm.dtype))[t.feature])
 
 
-def intervene(suite: Suite, prompt: str, interventions: Mapping[Any, Any], freeze: Freeze = "all",
+def intervene(suite: Suite, prompt: str, interventions: Mapping[Any, Any] | list[tuple[Any, Any]], freeze: Freeze = "all",
               target: str | Target | None = None, nodes: tuple | list = (), top_k: int = 10,
               generate: int = 0, lm: LinearisedModel | None = None) -> InterventionResult:
     """Set, scale or shift nodes and read the target, the ``nodes`` asked for and the top logits (module docstring).
 
-    ``interventions`` maps node ids (or objects with ``.id``) to values: a number, ``"*F"`` or ``"+D"``.
+    ``interventions`` maps node ids (or objects with ``.id``) to values: a number, ``"*F"`` or ``"+D"``; a list of
+    (node, value) pairs also serves, for nodes that are not hashable (a graph's node dicts).
     ``nodes`` are target specs to read (node ids of features are target specs). ``lm``, if given, must be the
     linearised model of ``prompt`` (saves the clean pass when intervening repeatedly on one prompt).
     """

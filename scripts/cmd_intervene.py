@@ -57,11 +57,12 @@ def check_out_dir(out: Path | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from circuits.interventions import intervene, parse_value
+    from circuits.interventions import check_node_syntax, intervene, parse_value
 
     sets = [parse_set(s) for s in args.sets]
-    for node, value in sets:
-        parse_value(value, node)  # syntax of every value before loading anything
+    for node, value in sets:  # the syntax of every node and value before loading anything
+        check_node_syntax(node)
+        parse_value(value, node)
     nodes = [n for n, _ in sets]
     if len(set(nodes)) != len(nodes):
         raise ValueError(f"a node is set twice in {nodes}; give one --set per node")

@@ -292,6 +292,13 @@ def test_missing_dictionary_and_node_objects(suite32, lm32):
 
     assert parse_node(Node(), suite32, 10).id == "attn0.error@9"
     assert parse_node({"id": "embed@3", "kind": "embed"}, suite32, 10).id == "embed@3"
+    # a graph's node dicts are not hashable: (node, value) pairs serve, and give what the id gives
+    f, _, pos = top_feature(lm32, "mlp_feature", 0, pos=2)
+    by_pairs = intervene(suite32, PROMPT, [({"id": f"mlp0:{f}@{pos}"}, "*0"), (Node(), "*2")], lm=lm32)
+    by_ids = intervene(suite32, PROMPT, {f"mlp0:{f}@{pos}": "*0", "attn0.error@-1": "*2"}, lm=lm32)
+    assert by_pairs.target == by_ids.target and by_pairs.interventions == by_ids.interventions
+    with pytest.raises(ValueError, match="or be \\(node, value\\) pairs"):
+        intervene(suite32, PROMPT, ["mlp0:1@2"], lm=lm32)
     assert parse_value("+-0.5").op == "add" and parse_value("+-0.5").resolve(2.0) == 1.5
     assert parse_value("-0.5").op == "set" and parse_value("*0").resolve(3.0) == 0.0
 
@@ -325,6 +332,7 @@ def test_cli_writes_the_intervention_and_refuses_bad_input(tmp_path, suite32, lm
     bad = [(["--set", f"mlp0:{f}@{pos}"], "write it as NODE=VALUE"),
            (["--set", f"mlp0:{f}@{pos}=big"], "is not numeric"),
            (["--set", "mlp0:99@1=0"], "feature 99 is out of range"),
+           (["--set", "mlp0.err@1=0"], "cannot parse node 'mlp0.err@1'"),
            (["--set", f"mlp0:{f}@77=0"], "position 77 is out of range"),
            (["--set", f"mlp0:{f}@{pos}=0", "--freeze", "all", "--generate", "3"], "generate needs freeze"),
            (["--set", f"mlp0:{f}@{pos}=0", "--out", str(afile / "sub")], "is a file, not a folder")]

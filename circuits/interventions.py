@@ -20,7 +20,8 @@ dictionaries spliced into the real model with their error terms):
      and LayerNorm scales frozen (``LinearisedModel.residual(chain=False)``). Only the intervened nodes' writes
      change, so every readout r (the target, a node asked for, a logit) moves by its direct effects,
      ``sum_s (a_new_s - a_s) / a_s * A[r, s]`` with ``A`` the edges of ``circuits.attribution``: an intervention
-     here tests an edge of the graph, exactly (``tests/test_interventions.py``).
+     here tests an edge of the graph, exactly (``tests/test_interventions.py``). An attention score is read
+     through its linearisation (``targets.AttentionScoreTarget.read``), as the graph's edges into it are.
    - ``"attention"``: the real model with the dictionaries spliced in (``hook_z <- attn_sae(z) + error_z``,
      ``hook_mlp_out <- transcoder(ln2) + error``, each error from the same run, so that a run with nothing set is
      the model itself), the attention patterns frozen to the clean pass, LayerNorm and every feature live: the

@@ -343,3 +343,25 @@ def test_cli_writes_the_intervention_and_refuses_bad_input(tmp_path, suite32, lm
         assert rc == 2 and message in err, (extra, err)
         assert len(err.strip().splitlines()) == 1, err
         assert not dest.exists()
+
+
+# ---------------------------------------------------------------------------------------------- the mini suite
+@pytest.mark.slow
+def test_mini_strongest_edge_by_intervention():
+    """On the embedded suite (float32): switching off the source of the target's strongest edge, everything else
+    frozen, removes exactly that edge; in the real model the target moves too."""
+    from circuits.trace import trace
+    from saes.suite import MINI_DIR, load_suite
+
+    if not (MINI_DIR / "cfg.json").is_file():
+        pytest.skip("the mini suite is not built (saes/mini/cfg.json)")
+    suite = load_suite("mini")
+    prompt = "import os\nimport sys\n\ndef main(args):\n"
+    t = trace(suite, prompt, threshold=0.01, faithfulness=False, progress=False)
+    into = [e for e in t.circuit.edges if e["target"] == "target" and ":" in e["source"]]
+    strongest = max(into, key=lambda e: abs(e["weight"]))
+    res = intervene(suite, prompt, {strongest["source"]: "*0"}, freeze="all", lm=t.model)
+    assert res.target.spec == t.circuit.target
+    assert res.target.change == pytest.approx(-strongest["weight"], abs=1e-4 * max(1.0, abs(res.target.clean)))
+    live = intervene(suite, prompt, {strongest["source"]: "*0"}, freeze="none", lm=t.model)
+    assert live.target.clean == pytest.approx(res.target.clean, abs=1e-5) and live.target.change != 0

@@ -200,6 +200,44 @@ def test_live_modes_equal_a_hand_written_hook(suite64, lm64, freeze, kind, layer
     assert max(abs(o.change) for o in (res.target, *res.nodes)) > 1e-3, "the clamp should move something"
 
 
+def test_live_error_and_embedding_scales_equal_a_hand_written_hook(suite64, lm64):
+    """``mlp0.error@P=*F`` scales the transcoder's error vector of that run; ``embed@P=*F`` the token embedding."""
+    lm, suite, model = lm64, suite64, suite64.model
+    tc = suite.transcoders[0]
+    target = f"mlp1:{top_feature(lm, 'mlp_feature', 1)[0]}@-1"
+    t = parse_target(target, suite, lm.n_pos)
+    p = lm.n_pos - 1
+    seen = {}
+
+    def grab(x, hook):
+        seen[hook.name] = x[0].clone()
+
+    def scale_error(out, hook):
+        x = seen["blocks.0.ln2.hook_normalized"]
+        recon = torch.relu(x @ tc.W_enc + tc.b_enc) @ tc.W_dec + tc.b_dec
+        out = out.clone()
+        out[0, p] += (2.5 - 1) * (out[0, p] - recon[p])
+        return out
+
+    def scale_embed(x, hook):
+        x = x.clone()
+        x[0, 2] *= 0.5
+        return x
+
+    for spec, hooks in ((f"mlp0.error@{p}", [("blocks.0.hook_mlp_out", scale_error)]),
+                        ("embed@2", [("hook_embed", scale_embed)])):
+        factor = 2.5 if "error" in spec else 0.5
+        res = intervene(suite, PROMPT, {spec: f"*{factor}"}, freeze="none", target=target, lm=lm)
+        seen.clear()
+        hooks = [("blocks.0.ln2.hook_normalized", grab), ("blocks.1.ln2.hook_normalized", grab)] + hooks
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            model(lm.tokens)
+        x = seen["blocks.1.ln2.hook_normalized"][t.pos]
+        sae = suite.transcoders[1]
+        assert res.target.intervened == pytest.approx(float(x @ sae.W_enc[:, t.feature] + sae.b_enc[t.feature]), abs=1e-9)
+        assert abs(res.target.change) > 1e-6, spec
+
+
 def test_freeze_attention_differs_from_none_and_a_no_op_changes_nothing(suite64, lm64):
     f, a, pos = top_feature(lm64, "attn_feature", 0, pos=3)
     spec = f"attn0:{f}@{pos}"

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -237,6 +238,7 @@ class Page:
     """One explorer page in its own context, every non-file request aborted and recorded."""
 
     def __init__(self, browser, path: Path, width: int = 1500, height: int = 900):
+        self.path = path
         self.context = browser.new_context(viewport={"width": width, "height": height})
         self.blocked: list[str] = []
 
@@ -312,9 +314,8 @@ def test_opens_pruned_offline(case):
     assert 0 < len(visible) < len(payload["nodes"]["id"])
     assert "target" in visible
     assert page.blocked == []
-    html = page.page.content()
-    for needle in ("<script src", "<link", "http://", "https://"):
-        assert needle not in html.split('id="circuit-data"')[0], needle
+    text = page.path.read_text()
+    assert not re.search(r"<script[^>]*\ssrc=|<link|<img|@import|url\(|(src|href)=[\"']?https?:", text, re.I)
 
 
 @pytest.mark.parametrize("thresholds", [(0.8, 0.98), (0.5, 0.9), (0.95, 0.995), (1.0, 1.0), (0.3, 0.6)])
@@ -429,8 +430,9 @@ def test_search_and_special_nodes(synthetic):
     page.js("explorer.select(null)")
 
 
+@pytest.mark.slow
 def test_large_graph_is_responsive(browser, tmp_path):
-    payload = synthetic_payload(seed=1, n_layers=6, n_pos=40, max_features=6, fan_in=60, cards=False)
+    payload = synthetic_payload(seed=1, n_layers=6, n_pos=40, max_features=7, fan_in=66, cards=False)
     n_nodes, n_edges = len(payload["nodes"]["id"]), len(payload["edges"]["src"])
     assert n_nodes >= 2000 and n_edges >= 100_000
     page = _open(browser, payload, tmp_path, "large")

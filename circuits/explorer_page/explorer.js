@@ -160,7 +160,7 @@
   const tip = $("tooltip");
 
   // ------------------------------------------------------------------ layout
-  const SLOT = 20, ROW_H = 54, LEFT = 64, TOP = 24, BOTTOM = 78, R = 7;
+  const SLOT = 20, ROW_H = 54, LEFT = 76, TOP = 24, BOTTOM = 78, R = 7;
   function layout(vis) {
     const nPos = TOKENS.length, nRows = ROWS.length;
     const cells = new Map();
@@ -283,6 +283,9 @@
   function drawAxes(L) {
     if (axes) axes.remove();
     axes = svgEl("g", { class: "axes" });
+    // text keeps about its screen size when the view is zoomed out a little
+    const em = 1 / Math.min(1, Math.max(S.zoom, 0.75));
+    axes.setAttribute("font-size", 11 * em);
     const nRows = ROWS.length;
     ROWS.forEach((name, r) => {
       const yy = TOP + (nRows - 1 - r) * ROW_H;
@@ -301,7 +304,7 @@
       title.textContent = `${p}: ${JSON.stringify(tok)}`;
       t.append(title);
       axes.append(t);
-      const n = svgEl("text", { class: "posnum", x: cx, y: TOP - 8, "text-anchor": "middle" });
+      const n = svgEl("text", { class: "posnum", x: cx, y: TOP - 8, "text-anchor": "middle", "font-size": 9 * em });
       n.textContent = p;
       axes.append(n);
     });
@@ -354,10 +357,14 @@
       ctx.font = "10px sans-serif";
       ctx.textAlign = "center";
       const s = S.selected;
-      for (const e of S.highlighted.slice(0, 24)) {
+      const placed = [];
+      for (const e of S.highlighted.slice(0, 40)) {
         const other = src[e] === s ? dst[e] : src[e];
         const text = (wt[e] >= 0 ? "+" : "") + fmt(wt[e]);
-        const tx = L.x[other], ty = L.y[other] - R - 5;
+        const tx = L.x[other], ty = L.y[other] - R - 5, half = ctx.measureText(text).width / 2 + 2;
+        // label the strongest edges first and skip a label that would cover one already written
+        if (placed.some(([x, y, h]) => Math.abs(x - tx) < h + half && Math.abs(y - ty) < 11)) continue;
+        placed.push([tx, ty, half]);
         ctx.lineWidth = 3; ctx.strokeStyle = "rgba(255,255,255,0.9)";
         ctx.strokeText(text, tx, ty);
         ctx.fillStyle = wt[e] >= 0 ? "#1d4f8f" : "#a3293a";
@@ -490,19 +497,25 @@
       ws.forEach((x, j) => { acc[j] += x; });
     }
     if (!parts.size) return null;
-    const cols = [...parts.keys()].sort((a, b) => a - b);
     let vmax = 1e-30;
     for (const a of parts.values()) for (const x of a) vmax = Math.max(vmax, Math.abs(x));
+    // one row per source position, one column per head; positions whose parts are all under 1% of the
+    // largest are summed in a last row
+    const all = [...parts.keys()].sort((a, b) => a - b);
+    const big = all.filter((p) => parts.get(p).some((x) => Math.abs(x) >= 0.01 * vmax));
+    const rest = new Float64Array(nHeads);
+    for (const p of all) if (!big.includes(p)) parts.get(p).forEach((x, h) => { rest[h] += x; });
+    const cell = (x) => {
+      const td = el("td", { text: fmt(x) });
+      td.style.background = x >= 0 ? `rgba(38,104,186,${Math.min(1, Math.abs(x) / vmax) * 0.6})` : `rgba(211,57,75,${Math.min(1, Math.abs(x) / vmax) * 0.6})`;
+      return td;
+    };
     const tb = el("table", { class: "grid" });
-    tb.append(el("tr", {}, el("th", { text: "head \\ source" }), ...cols.map((p) => el("th", { title: JSON.stringify(TOKENS[p]), text: `${p} ${showTok(TOKENS[p] ?? "").slice(0, 6)}` }))));
-    for (let h = 0; h < nHeads; h++) {
-      tb.append(el("tr", {}, el("th", { text: `h${h}` }), ...cols.map((p) => {
-        const x = parts.get(p)[h];
-        const td = el("td", { text: fmt(x) });
-        td.style.background = x >= 0 ? `rgba(38,104,186,${Math.abs(x) / vmax * 0.6})` : `rgba(211,57,75,${Math.abs(x) / vmax * 0.6})`;
-        return td;
-      })));
-    }
+    tb.append(el("tr", {}, el("th", { text: "source \\ head" }), ...Array.from({ length: nHeads }, (_, h) => el("th", { text: `h${h}` }))));
+    for (const p of big)
+      tb.append(el("tr", {}, el("th", { title: JSON.stringify(TOKENS[p]), text: `${p} ${showTok(TOKENS[p] ?? "").slice(0, 10)}` }), ...Array.from(parts.get(p), cell)));
+    if (big.length < all.length)
+      tb.append(el("tr", {}, el("th", { text: `${all.length - big.length} others` }), ...Array.from(rest, cell)));
     return el("div", { class: "heads" }, el("h4", { text: "In-edges by head and source position" }), tb);
   }
 

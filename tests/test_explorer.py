@@ -23,7 +23,6 @@ import random
 import re
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,7 +43,7 @@ TOKEN_KINDS = ("embed", "pos_embed")
 
 # ------------------------------------------------------------------------------------ payloads
 def synthetic_payload(seed: int = 0, n_layers: int = 2, n_pos: int = 8, max_features: int = 4, fan_in: int = 6,
-                      n_heads: int = 4, cards: bool = True) -> dict:
+                      n_heads: int = 4, cards: bool = True, remainders: bool = True) -> dict:
     """A random circuit in the payload's form: embeddings, features and errors per (stage, position), every
     destination reading ``fan_in`` random sources from earlier stages at its own or earlier positions."""
     rng = random.Random(seed)
@@ -85,6 +84,9 @@ def synthetic_payload(seed: int = 0, n_layers: int = 2, n_pos: int = 8, max_feat
                             scorecard={"precision": 0.8}, dashboard=None)
                 add(f"{kind}{layer}.error@{p}", f"{kind}_error", stage, p, layer, label=f"{kind}{layer} error")
     n = len(cols["id"])
+    # the part of a node's input from sources an attribution threshold dropped
+    cols["remainder"] = [rng.gauss(0, 0.3) if remainders and cols["kind"][i] in FEATURE_KINDS + ("target",) else 0.0
+                         for i in range(n)]
     edges = {"src": [], "dst": [], "weight": [], "shown": []}
     heads = {"edge": [], "weights": [], "src_pos": []}
     readers = [i for i in range(n) if cols["kind"][i] in FEATURE_KINDS + ("target",)]
@@ -147,7 +149,7 @@ def provisional_payload(circuit) -> dict:
                 pos=[n["pos"] for n in nodes], layer=[n["layer"] for n in nodes], feature=[n["feature"] for n in nodes],
                 activation=[n["activation"] for n in nodes], attribution=[n["influence"] for n in nodes],
                 influence=[0.0] * len(nodes), label=[label(n) for n in nodes], card=[None] * len(nodes),
-                shown=[False] * len(nodes))
+                shown=[False] * len(nodes), remainder=[n["remainder"] for n in nodes])
     edges = {"src": [], "dst": [], "weight": [], "shown": []}
     heads = {"edge": [], "weights": [], "src_pos": []}
     for e in circuit.edges:
@@ -178,42 +180,81 @@ def provisional_payload(circuit) -> dict:
 
 
 # ------------------------------------------------------------------------------------ the reference pruning
-@contextmanager
-def _float64():
-    old = __import__("torch").get_default_dtype()
-    __import__("torch").set_default_dtype(__import__("torch").float64)
-    try:
-        yield
-    finally:
-        __import__("torch").set_default_dtype(old)
-
-
-def reference_prune(payload: dict, node_threshold: float, edge_threshold: float) -> tuple[set[str], set[tuple[str, str]]]:
-    """circuit-tracer's ``prune_graph`` on the dense adjacency, nodes in its order (features, errors, tokens,
-    target), in float64; then token embeddings without a kept out-edge are hidden, as the page does."""
+def _dense(payload: dict):
+    """The adjacency ``A[dst, src]`` in circuit-tracer's node order (features, errors, tokens, target), float64."""
     import torch
-    from circuit_tracer.graph import prune_graph
 
     nodes, edges = payload["nodes"], payload["edges"]
     kinds = nodes["kind"]
     group = lambda k: 0 if k in FEATURE_KINDS else 2 if k in TOKEN_KINDS else 3 if k == "target" else 1
     order = sorted(range(len(kinds)), key=lambda i: (group(kinds[i]), i))
     where = {i: j for j, i in enumerate(order)}
-    n = len(order)
-    A = torch.zeros(n, n, dtype=torch.float64)
+    A = torch.zeros(len(order), len(order), dtype=torch.float64)
     for s, d, w in zip(edges["src"], edges["dst"], edges["weight"]):
         A[where[d], where[s]] += w
-    n_feat = sum(group(k) == 0 for k in kinds)
-    n_tok = sum(group(k) == 2 for k in kinds)
+    remainder = torch.tensor([abs(nodes.get("remainder", [0.0] * len(kinds))[i]) for i in order], dtype=torch.float64)
+    counts = [sum(group(k) == g for k in kinds) for g in range(4)]
+    return A, remainder, [nodes["id"][i] for i in order], counts
+
+
+def reference_prune(payload: dict, node_threshold: float, edge_threshold: float) -> tuple[set[str], set[tuple[str, str]]]:
+    """circuit-tracer's ``prune_graph`` rebuilt from its own ``compute_influence`` and ``find_threshold`` on the
+    dense adjacency, with each node's |remainder| (where the payload has one) added to its row sum; then token
+    embeddings without a kept out-edge are hidden, as the page does."""
+    import torch
+    from circuit_tracer.graph import compute_influence, find_threshold
+
+    A, remainder, ids, (n_feat, n_err, n_tok, _) = _dense(payload)
+    n = len(ids)
+    lw = torch.zeros(n, dtype=torch.float64)
+    lw[-1] = 1.0
+
+    def normalise(M):
+        return M.abs() / (M.abs().sum(1) + remainder).clamp(min=1e-10)[:, None]
+
+    infl = compute_influence(normalise(A), lw)
+    node_mask = infl >= find_threshold(infl, node_threshold)
+    node_mask[n_feat + n_err:] = True
+    pruned = A.clone()
+    pruned[~node_mask] = 0
+    pruned[:, ~node_mask] = 0
+    norm = normalise(pruned)
+    score = norm * (compute_influence(norm, lw) + lw)[:, None]
+    edge_mask = (score >= find_threshold(score.flatten(), edge_threshold)) & (A != 0)
+    edge_mask &= node_mask[:, None] & node_mask[None, :]
+    while True:  # features need an in-edge and an out-edge, errors an out-edge
+        old = node_mask.clone()
+        node_mask[:n_feat + n_err] &= edge_mask[:, :n_feat + n_err].any(0)
+        node_mask[:n_feat] &= edge_mask[:n_feat].any(1)
+        edge_mask &= node_mask[:, None] & node_mask[None, :]
+        if torch.equal(old, node_mask):
+            break
+    has_out = edge_mask.any(0)
+    shown = {ids[j] for j in range(n) if node_mask[j] and (not n_feat + n_err <= j < n_feat + n_err + n_tok or has_out[j])}
+    return shown, {(ids[s], ids[d]) for d, s in edge_mask.nonzero().tolist()}
+
+
+def test_reference_is_circuit_tracers_prune_graph():
+    """Without remainders the reference keeps what circuit-tracer's own ``prune_graph`` keeps."""
+    import torch
+    from circuit_tracer.graph import prune_graph
+
+    payload = synthetic_payload(seed=5, remainders=False)
+    A, _, ids, (n_feat, _, n_tok, _) = _dense(payload)
     graph = SimpleNamespace(input_tokens=list(range(n_tok)), logit_targets=[0], selected_features=list(range(n_feat)),
                             adjacency_matrix=A, logit_probabilities=torch.ones(1, dtype=torch.float64))
-    with _float64():
-        node_mask, edge_mask, _ = prune_graph(graph, node_threshold, edge_threshold)
-    ids = [nodes["id"][i] for i in order]
-    has_out = edge_mask.any(0)
-    shown = {ids[j] for j in range(n) if node_mask[j] and (group(kinds[order[j]]) != 2 or has_out[j])}
-    kept_edges = {(ids[s], ids[d]) for d, s in edge_mask.nonzero().tolist()}
-    return shown, kept_edges
+    for thresholds in [(0.8, 0.98), (0.5, 0.9), (0.95, 0.995)]:
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)  # prune_graph makes its logit weights in the default dtype
+        try:
+            node_mask, edge_mask, _ = prune_graph(graph, *thresholds)
+        finally:
+            torch.set_default_dtype(old)
+        has_out = edge_mask.any(0)
+        tokens = range(len(ids) - 1 - n_tok, len(ids) - 1)
+        shown = {ids[j] for j in range(len(ids)) if node_mask[j] and (j not in tokens or has_out[j])}
+        assert reference_prune(payload, *thresholds) == (shown, {(ids[s], ids[d]) for d, s in edge_mask.nonzero().tolist()})
+        assert 0 < len(shown) < len(ids)
 
 
 def _mark_shown(payload: dict) -> None:

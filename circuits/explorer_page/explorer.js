@@ -58,8 +58,11 @@
   // ------------------------------------------------------------------ pruning (circuit-tracer's prune_graph)
   // Influence on the target through the row-normalised |adjacency|: infl[s] = sum_d N[d, s] (infl[d] + [d = target]),
   // computed in one pass in reverse topological order. `mask` (or null for all) selects the edges.
+  // A node's |remainder| (the part of its input from sources the attribution threshold dropped), when the
+  // payload carries it, counts in its row sum as unexplained input, as in circuits/influence.py.
+  const REM = NODES.remainder ? Float64Array.from(NODES.remainder, (x) => Math.abs(x || 0)) : new Float64Array(nN);
   function influence(mask) {
-    const rowSum = new Float64Array(nN);
+    const rowSum = Float64Array.from(REM);
     for (let e = 0; e < nE; e++) if (!mask || mask[e]) rowSum[dst[e]] += absw[e];
     const infl = new Float64Array(nN);
     for (let k = nN - 1; k >= 0; k--) {

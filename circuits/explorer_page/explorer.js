@@ -132,7 +132,7 @@
   const S = {
     nodeT: meta.node_threshold ?? 0.8, edgeT: meta.edge_threshold ?? 0.98, maxEdges: 300,
     kept: null, visible: new Uint8Array(nN), selected: -1, pinned: [], supernodes: [], subgraph: false,
-    zoom: 1, drawn: [], highlighted: [], layout: null, timings: {},
+    zoom: 1, rowH: 54, drawn: [], highlighted: [], layout: null, timings: {},
   };
   const headsOf = new Map();
   if (D.heads) D.heads.edge.forEach((e, k) => headsOf.set(e, k));
@@ -157,13 +157,14 @@
     return x;
   };
   const fmt = (x) => (x === null || x === undefined || Number.isNaN(x) ? "n/a" : Math.abs(x) >= 1e4 || (Math.abs(x) < 1e-3 && x !== 0) ? x.toExponential(2) : (+x).toPrecision(3));
-  const showTok = (t) => JSON.stringify(t).slice(1, -1);
+  // a token as text: newlines and tabs made visible, everything else as it is
+  const showTok = (t) => String(t).replace(/\r/g, "\u240d").replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5");
   const scroller = $("scroller"), content = $("content"), svg = $("nodes"), canvas = $("edges");
   const ctx = canvas.getContext("2d");
   const tip = $("tooltip");
 
   // ------------------------------------------------------------------ layout
-  const SLOT = 20, ROW_H = 54, LEFT = 76, TOP = 24, BOTTOM = 78, R = 7;
+  const SLOT = 20, LEFT = 76, TOP = 24, BOTTOM = 78, R = 7;
   function layout(vis) {
     const nPos = TOKENS.length, nRows = ROWS.length;
     const cells = new Map();
@@ -187,9 +188,9 @@
       const p = key % nPos, row = (key - p) / nPos;
       m.sort((a, b) => (kindRank[kindOf[a]] ?? 9) - (kindRank[kindOf[b]] ?? 9) || Math.abs(NODES.attribution[b]) - Math.abs(NODES.attribution[a]) || a - b);
       const x0 = colX[p] + (colW[p] - m.length * SLOT) / 2;
-      m.forEach((i, j) => { x[i] = x0 + SLOT * (j + 0.5); y[i] = TOP + (nRows - 1 - row) * ROW_H + ROW_H / 2; });
+      m.forEach((i, j) => { x[i] = x0 + SLOT * (j + 0.5); y[i] = TOP + (nRows - 1 - row) * S.rowH + S.rowH / 2; });
     }
-    return { x, y, colX, colW, width: colX[nPos] + 20, height: TOP + nRows * ROW_H + BOTTOM };
+    return { x, y, colX, colW, width: colX[nPos] + 20, height: TOP + nRows * S.rowH + BOTTOM };
   }
 
   // ------------------------------------------------------------------ drawing
@@ -291,16 +292,16 @@
     axes.setAttribute("font-size", 11 * em);
     const nRows = ROWS.length;
     ROWS.forEach((name, r) => {
-      const yy = TOP + (nRows - 1 - r) * ROW_H;
-      if (r % 2 === 1) axes.append(svgEl("rect", { x: 0, y: yy, width: L.width, height: ROW_H, class: "band" }));
-      const t = svgEl("text", { x: 6, y: yy + ROW_H / 2 + 4, class: "rowlabel" });
+      const yy = TOP + (nRows - 1 - r) * S.rowH;
+      if (r % 2 === 1) axes.append(svgEl("rect", { x: 0, y: yy, width: L.width, height: S.rowH, class: "band" }));
+      const t = svgEl("text", { x: 6, y: yy + S.rowH / 2 + 4, class: "rowlabel" });
       t.textContent = name;
       axes.append(t);
     });
-    const yb = TOP + nRows * ROW_H + 14;
+    const yb = TOP + nRows * S.rowH + 14;
     TOKENS.forEach((tok, p) => {
       const cx = L.colX[p] + L.colW[p] / 2;
-      const text = showTok(tok).slice(0, 14);
+      const shown = showTok(tok), text = shown.length > 11 ? shown.slice(0, 10) + "\u2026" : shown;
       const t = svgEl("text", { class: "token", x: cx, y: yb, "text-anchor": "end", transform: `rotate(-40 ${cx} ${yb})` });
       t.textContent = text;
       const title = svgEl("title");
@@ -637,9 +638,14 @@
     S.zoom = Math.max(0.2, Math.min(4, z));
     render();
   }
+  // Fit the width, then give the rows the height that is left (between 40 and 110 px a row).
   function fitZoom() {
-    const L = layout(S.visible);
-    return Math.min(1.6, Math.max(0.3, Math.min((scroller.clientWidth - 12) / L.width, (scroller.clientHeight - 12) / L.height)));
+    S.rowH = 54;
+    const L = layout(S.visible), zw = Math.min(1.6, (scroller.clientWidth - 12) / L.width);
+    const fill = ((scroller.clientHeight - 12) / Math.max(zw, 0.3) - (L.height - ROWS.length * S.rowH)) / ROWS.length;
+    S.rowH = Math.max(40, Math.min(110, fill));
+    const L2 = layout(S.visible);
+    return Math.min(1.6, Math.max(0.3, Math.min((scroller.clientWidth - 12) / L2.width, (scroller.clientHeight - 12) / L2.height)));
   }
   function fit() { setZoom(fitZoom()); }
 

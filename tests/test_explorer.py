@@ -475,6 +475,18 @@ def test_search_and_special_nodes(synthetic):
     assert "does not reconstruct" in page.js("explorer.panel()")
     page.js("explorer.select('embed@1')")
     assert json.dumps(payload["tokens"][1], ensure_ascii=False) in page.js("explorer.panel()")
+    # an attention feature: its in-edges split by source position and head, summing to the in-edge weights
+    heads, edges = payload["heads"], payload["edges"]
+    with_heads = {}
+    for e, ws in zip(heads["edge"], heads["weights"]):
+        with_heads.setdefault(edges["dst"][e], []).append((e, ws))
+    d = max(with_heads, key=lambda i: len(with_heads[i]))
+    page.js("id => explorer.select(id)", nodes["id"][d])
+    cells = page.page.locator(".heads table.grid td").all_inner_texts()
+    assert sum(float(c) for c in cells) == pytest.approx(sum(edges["weight"][e] for e, _ in with_heads[d]), rel=2e-2, abs=1e-3)
+    visible = set(page.js("explorer.visibleNodes()"))
+    listed = [e for e, _ in with_heads[d] if nodes["id"][edges["src"][e]] in visible]
+    assert page.page.locator(".edges .hsplit").count() == min(40, len(listed))
     page.js("explorer.select('target')")
     panel = page.js("explorer.panel()")
     assert "query marginal" in panel and "key marginal" in panel

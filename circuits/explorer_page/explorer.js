@@ -399,7 +399,8 @@
     for (let e = 0; e < nE; e++) ek += S.kept.edgeKeep[e];
     let nv = 0;
     for (let i = 0; i < nN; i++) nv += S.visible[i];
-    $("status").textContent = `${nv} of ${nN} nodes shown (${nk} kept by pruning), ${ek} of ${nE} edges kept, ` +
+    const carried = meta.n_edges_total && meta.n_edges_total > nE ? ` (the file's strongest ${nE} of ${meta.n_edges_total})` : "";
+    $("status").textContent = `${nv} of ${nN} nodes shown (${nk} kept by pruning), ${ek} of ${nE} edges kept${carried}, ` +
       `${S.drawn.length} strongest drawn` + (S.subgraph ? "; subgraph view" : "");
   }
 
@@ -479,11 +480,22 @@
     const tb = el("table");
     for (const e of list.slice(0, 40)) {
       const other = src[e] === s ? dst[e] : src[e];
-      tb.append(el("tr", {}, el("td", {}, weightCell(wt[e])), el("td", {}, link(other)), el("td", { class: "lbl", text: labelOf[other] !== NODES.id[other] ? labelOf[other] : "" })));
+      const row = el("tr", {}, el("td", {}, weightCell(wt[e])), el("td", {}, link(other)), el("td", { class: "lbl", text: labelOf[other] !== NODES.id[other] ? labelOf[other] : "" }));
+      const h = headsOf.get(e);
+      if (h !== undefined) row.append(headSplit(D.heads.weights[h], D.heads.src_pos[h]));
+      tb.append(row);
     }
     box.append(tb);
     if (list.length > 40) box.append(el("div", { class: "note", text: `and ${list.length - 40} more` }));
     return box;
+  }
+
+  // One edge into an attention feature: its largest head's share, the whole split on hover.
+  function headSplit(ws, sp) {
+    let top = 0, total = 0;
+    ws.forEach((x, j) => { total += Math.abs(x); if (Math.abs(x) > Math.abs(ws[top])) top = j; });
+    const share = total > 0 ? Math.round((100 * Math.abs(ws[top])) / total) : 0;
+    return el("td", { class: "hsplit", title: `from position ${sp}: ` + ws.map((x, j) => `h${j} ${fmt(x)}`).join(", "), text: `h${top} ${share}%` });
   }
 
   // Split of the in-edges of an attention feature by head and source position (sums of the per-head parts).

@@ -418,6 +418,9 @@ def test_click_feature_shows_card_and_its_edges(case):
     feature = max((i for i, nid in enumerate(nodes["id"]) if nid in visible and nodes["kind"][i] in FEATURE_KINDS),
                   key=lambda i: abs(nodes["attribution"][i]))
     nid = nodes["id"][feature]
+    page.page.hover(f'g.node[data-id="{nid}"]')
+    tip = page.page.inner_text("#tooltip")
+    assert nodes["label"][feature] in tip and "activation" in tip and "attribution to the target" in tip
     page.page.click(f'g.node[data-id="{nid}"]')
     assert page.js("explorer.selected()") == nid
     panel = page.js("explorer.panel()")

@@ -164,8 +164,10 @@
   const tip = $("tooltip");
 
   // ------------------------------------------------------------------ layout
-  const SLOT = 20, LEFT = 76, TOP = 24, BOTTOM = 78, R = 7;
+  // a node's slot: 20 px, or 116 px in the subgraph view, where every node carries its label
+  const SLOT_PX = 20, LABELLED_SLOT = 116, LEFT = 76, TOP = 24, BOTTOM = 78, R = 7;
   function layout(vis) {
+    const SLOT = S.subgraph ? LABELLED_SLOT : SLOT_PX;
     const nPos = TOKENS.length, nRows = ROWS.length;
     const cells = new Map();
     for (let i = 0; i < nN; i++) {
@@ -276,11 +278,20 @@
       g.classList.toggle("selected", i === S.selected);
       g.classList.toggle("pinned", pinned.has(i));
       g.classList.toggle("dim", S.selected >= 0 && i !== S.selected && !hlNodes.has(i));
+      nodeLabel(g, i, S.subgraph);
     }
     drawSupernodes(L);
     drawEdges();
     updateStatus();
     updateQParams();
+  }
+
+  function nodeLabel(g, i, on) {
+    let t = g.querySelector("text.nlabel");
+    if (!on) { if (t) t.remove(); return; }
+    if (!t) { t = svgEl("text", { class: "nlabel", y: R + 12, "text-anchor": "middle" }); g.append(t); }
+    const full = labelOf[i] || NODES.id[i];
+    t.textContent = full.length > 19 ? full.slice(0, 18) + "\u2026" : full;
   }
 
   let axes = null;
@@ -323,9 +334,12 @@
       const m = sn.members.filter((i) => S.visible[i]);
       if (!m.length) continue;
       const xs = m.map((i) => L.x[i]), ys = m.map((i) => L.y[i]);
-      const x0 = Math.min(...xs) - R - 4, x1 = Math.max(...xs) + R + 4, y0 = Math.min(...ys) - R - 4, y1 = Math.max(...ys) + R + 4;
+      // the box holds the members and, in the subgraph view, their labels; the name goes under it
+      const pad = S.subgraph ? LABELLED_SLOT / 2 - 4 : R + 4;
+      const x0 = Math.min(...xs) - pad, x1 = Math.max(...xs) + pad, y0 = Math.min(...ys) - R - 4;
+      const y1 = Math.max(...ys) + R + (S.subgraph ? 17 : 4);
       hulls.append(svgEl("rect", { x: x0, y: y0, width: x1 - x0, height: y1 - y0, rx: 6, class: "hull" }));
-      const t = svgEl("text", { x: x0 + 2, y: y0 - 3, class: "hull-label" });
+      const t = svgEl("text", { x: x0 + 4, y: y1 + 11, class: "hull-label" });
       t.textContent = sn.name;
       hulls.append(t);
     }

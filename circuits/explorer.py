@@ -5,7 +5,9 @@
 ``explorer_page/explorer.css`` into ``explorer_page/template.html``. The page then:
 
 1. **Prunes** like circuit-tracer's ``prune_graph``. With ``A[dst, src]`` the edge weights and ``N = |A|`` with
-   each row divided by its sum (in-edges of one node sum to 1), node influence is ``I = e_target (N + N^2 + ...)``,
+   each row divided by its sum (in-edges of one node sum to 1; where the payload has the optional column
+   ``nodes.remainder``, the node's |remainder| is added to the sum as unexplained input, as
+   ``circuits/influence.py`` does for a thresholded graph), node influence is ``I = e_target (N + N^2 + ...)``,
    computed in one pass over the nodes in reverse topological order (the graph is a DAG through the model).
    Nodes are kept from the most influential down until ``node_threshold`` of the total influence is covered;
    token embeddings and the target always pass this step. On the graph of the kept nodes the influence is
@@ -30,7 +32,11 @@
 5. **Subgraphs**: shift-click (or "pin selected") pins nodes; "subgraph" shows only the pinned nodes and all
    edges among them; "group pinned" makes a named supernode of the pinned nodes not yet grouped. The panel shows
    the Neuronpedia ``qParams`` (``pinnedIds``; ``supernodes`` as ``[name, id, id, ...]`` lists), with the
-   payload's ``nodes.np_id`` column where present (Neuronpedia's node ids), else the node ids.
+   payload's optional column ``nodes.np_id`` where present (Neuronpedia's node ids), else the node ids.
+
+Scale: on a synthetic circuit of 2,200 nodes and 101,157 edges (an 8.4 MB page) chromium opens the page in 0.8 to
+1.3 s (0.2 to 0.5 s of it the page's script) and re-prunes and redraws after a threshold change in 40 to 110 ms
+(``pytest -m slow tests/test_explorer.py -k large -o log_cli=true --log-cli-level=INFO``).
 
 JavaScript API (``window.explorer``; ``document.body.dataset.ready == "1"`` once it exists):
 

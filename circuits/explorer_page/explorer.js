@@ -748,7 +748,7 @@
     panel: () => $("node-panel").innerText,
     setThresholds,
     thresholds: () => ({ node: S.nodeT, edge: S.edgeT }),
-    setMaxEdges: (n) => { S.maxEdges = n; render(); },
+    setMaxEdges: (n) => { S.maxEdges = n; $("max-edges").value = n; $("max-edges-v").textContent = n; render(); },
     pin, unpin, supernode, qParams, search,
     pinned: () => S.pinned.map((i) => NODES.id[i]),
     setSubgraph: (on) => { S.subgraph = !!on; $("subgraph").checked = S.subgraph; render(); },

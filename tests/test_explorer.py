@@ -514,3 +514,27 @@ def test_large_graph_is_responsive(browser, tmp_path):
         assert change_s < 2.0 and page.open_s < 15.0
     finally:
         page.close()
+
+
+def test_text_that_closes_a_script_stays_data(browser, tmp_path):
+    payload = synthetic_payload(seed=2, n_layers=1, n_pos=4)
+    payload["tokens"][0] = "</script><!-- & <b>"
+    payload["nodes"]["label"][1] = "</SCRIPT>"
+    page = _open(browser, payload, tmp_path, "escaped")
+    try:
+        assert page.js("JSON.parse(document.getElementById('circuit-data').textContent).tokens[0]") == payload["tokens"][0]
+        assert page.js("explorer.search('</script>')") == [payload["nodes"]["id"][1]]
+        page.js("id => explorer.select(id)", payload["nodes"]["id"][1])
+        assert "</SCRIPT>" in page.js("explorer.panel()")
+    finally:
+        page.close()
+
+
+def test_bad_payload_is_refused_before_writing(tmp_path):
+    payload = synthetic_payload(seed=2, n_layers=1, n_pos=4)
+    payload["edges"]["weight"] = payload["edges"]["weight"][:-1]
+    with pytest.raises(ValueError, match="edges.weight"):
+        write_explorer(payload, tmp_path / "graph.html")
+    with pytest.raises(ValueError, match="schema 1"):
+        write_explorer({"nodes": {}}, tmp_path / "graph.html")
+    assert list(tmp_path.iterdir()) == []

@@ -28,7 +28,7 @@ from saes.dictionary import encode, spec_of
 
 log = logging.getLogger(__name__)
 
-FLOOR = 0.8  # the floor for the default detectors on the mini suite
+FLOOR = 0.8  # specificity and sensitivity a detector must both reach (docs/dashboards.md)
 ABLATION_ROWS = 32  # rows in which a detector's ablation is measured (dashboards use 8 to keep 64 pages quick)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import logging
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,22 +32,32 @@ HF_DATASET = "ylecun/mnist"
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """One IDX file (``.gz`` or raw) as a numpy array of its declared shape and type."""
+    """One IDX file (``.gz`` or raw) as a numpy array of its declared shape and type.
+
+    A file that is not gzip where its name says so, is cut short, or whose header does not match its size is
+    refused with a ``ValueError`` naming the file.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut-short gzip an EOFError
+        raise ValueError(f"{path} is not a valid IDX file: it cannot be read as {'gzip' if path.suffix == '.gz' else 'a file'} "
+                         f"({e}); re-download it") from None
+    bad = f"{path} is not a valid IDX file"
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()}); expected 0000 08 0N")
+        raise ValueError(f"{bad}: bad magic number {data[:4].hex()}, expected 0000 08 0N; re-download it")
     ndim = data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"{path}: truncated IDX header")
+        raise ValueError(f"{bad}: its header is cut short ({len(data)} bytes for {ndim} dimensions); re-download it")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = np.dtype(IDX_DTYPES[data[2]])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - header != expected:
-        raise ValueError(f"{path}: header declares shape {shape} ({expected} bytes) but the file holds {len(data) - header}")
+        raise ValueError(f"{bad}: its header declares shape {shape} ({expected} bytes) but it holds "
+                         f"{len(data) - header} bytes; re-download it")
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
 
 

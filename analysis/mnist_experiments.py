@@ -1,4 +1,4 @@
-"""Superposition in an MNIST classifier (``docs/EXPERIMENTS.md`` section 3; issue 5), on the ``saes/`` trainer.
+"""Superposition in an MNIST classifier (docs/experiments.md, section 2), on the ``saes/`` trainer.
 
 0. Train the 784-49-10 ReLU classifier; its 49 hidden activations are the "features" of what follows. The
    autoencoders of Exp1/Exp2 read them as they are (``ae_input="raw"``, as the original describes), or each unit
@@ -310,7 +310,7 @@ def run_mnist(data: MnistData, c: MnistConfig, experiments: tuple[int, ...], out
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {"experiment": "superposition in an MNIST classifier (EXPERIMENTS.md section 3)", "data": data.source,
+    results: dict = {"experiment": "superposition in an MNIST classifier", "data": data.source,
                      "config": asdict(c), "experiments_run": list(experiments), "torch_threads": torch.get_num_threads(),
                      "timings_s": {}, "figures": {}}
     t = time.time()

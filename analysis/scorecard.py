@@ -1,5 +1,5 @@
 """Interpretability scorecards: four numbers that answer, for one feature and one token class, the questions a
-researcher asks of a dashboard by eye (EXPERIMENTS.md section 2).
+researcher asks of a dashboard by eye (docs/dashboards.md).
 
 Over a held-out token set (every token of every row except the BOS that starts the row):
 1. *Token class*: the token ids whose text, stripped of whitespace, is one of the class's texts (``import``

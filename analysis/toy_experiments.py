@@ -1,4 +1,4 @@
-"""The Toy Models of Superposition experiments of issue 5, each returning JSON-ready numbers and its weights.
+"""The Toy Models of Superposition experiments (Elhage et al. 2022), each returning JSON-ready numbers and its weights.
 
 1. ``five_two``: n=5, m=2, importance 0.9^i, feature probability 1 - S from 1 down to 0.05. Dense: the two most
    important features, orthogonal, the rest dropped; sparse: all five, in a pentagon.

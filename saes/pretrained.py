@@ -18,6 +18,9 @@ weights) and ``hook_mlp_out`` (centred) hold what the dictionaries expect. Loadi
    weights-only unpickler and an allow-list (the config classes become inert records; no code from the file
    runs; anything else in the file is refused), then converted to a sae-lens ``Transcoder``:
    ``b_enc' = b_enc - b_dec @ W_enc`` (the input-side ``b_dec``) and ``b_dec' = b_dec_out``.
+4. Offline (``HF_HUB_OFFLINE=1``), the suite loader first checks that every file above is in the Hugging Face
+   cache and names what is missing, with the ``huggingface-cli download`` lines that fetch it
+   (:func:`download_commands`); online, a hub that cannot be reached gives the same advice.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ KK_RELEASE = "gpt2-small-hook-z-kk"
 TRANSCODER_REPO = "pchlenski/gpt2-transcoders"
 TRANSCODER_FILE = "final_sparse_autoencoder_gpt2-small_blocks.{layer}.ln2.hook_normalized_24576.pt"
 GPT2_LAYERS = 12
+GPT2_REPO = "gpt2"  # what TransformerLens loads for "gpt2-small"
+GPT2_FILES = ("config.json", "generation_config.json", "merges.txt", "model.safetensors", "tokenizer_config.json",
+              "vocab.json")
 # The configuration classes that the transcoder files pickle. They are rebuilt as inert records.
 ALLOWED_CONFIG_CLASSES = (
     "sae_training.config.LanguageModelSAERunnerConfig",
@@ -158,13 +164,78 @@ def load_dunefsky_transcoder(layer: int, device: str | torch.device = "cpu"):
     return transcoder_from_state_dict(state, layer).to(device)
 
 
+class HubFilesMissing(FileNotFoundError):
+    """Files of GPT-2 small or its dictionaries are neither in the Hugging Face cache nor downloadable."""
+
+
+def kk_file_names(layer: int) -> tuple[str, str]:
+    """The state dict and config file of Kissane et al.'s SAE at ``layer``, as sae-lens's directory names them."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    _check_layer(layer)
+    path = get_pretrained_saes_directory()[KK_RELEASE].saes_map[f"blocks.{layer}.hook_z"]
+    return path, path.split(".pt")[0] + "_cfg.json"
+
+
+def hub_files(layers: list[int] | None = None) -> list[tuple[str, str]]:
+    """Every (repository, file) that ``load_gpt2_small_suite(layers=layers)`` reads from the hub."""
+    layers = list(range(GPT2_LAYERS)) if layers is None else layers
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    kk_repo = get_pretrained_saes_directory()[KK_RELEASE].repo_id
+    files = [(GPT2_REPO, f) for f in GPT2_FILES]
+    files += [(kk_repo, f) for layer in layers for f in kk_file_names(layer)]
+    files += [(TRANSCODER_REPO, TRANSCODER_FILE.format(layer=layer)) for layer in layers]
+    return files
+
+
+def download_commands(layers: list[int] | None = None) -> list[str]:
+    """The ``huggingface-cli download`` lines that put every file of :func:`hub_files` in the cache, one per repository."""
+    by_repo: dict[str, list[str]] = {}
+    for repo, name in hub_files(layers):
+        by_repo.setdefault(repo, []).append(name)
+    return [f"huggingface-cli download {repo} " + " ".join(names) for repo, names in by_repo.items()]
+
+
+_HOW_TO_GET = ("connect to the hub once (the files are then cached), or copy in a Hugging Face cache filled on a "
+               "machine that is online and point HF_HUB_CACHE at it; the exact `huggingface-cli download` lines are "
+               "printed by: python -c 'from saes.pretrained import download_commands as d; print(*d(), sep=chr(10))'")
+
+
+def check_hub_cache(layers: list[int] | None = None, cache_dir: str | Path | None = None) -> None:
+    """Offline, raise :class:`HubFilesMissing` naming the files of the suite that the cache lacks (before loading).
+
+    ``cache_dir`` defaults to the hub's (``HF_HUB_CACHE``).
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    cache_dir = cache_dir or constants.HF_HUB_CACHE
+    files = hub_files(layers)
+    missing = [f"{repo}/{name}" for repo, name in files
+               if not isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir), str)]
+    if missing:
+        raise HubFilesMissing(
+            f"GPT-2 small and its dictionaries need {len(files)} files from the Hugging Face hub; the hub is offline "
+            f"(HF_HUB_OFFLINE=1) and {len(missing)} of them are not in the cache {cache_dir} (first: "
+            f"{missing[0]}). To get them, {_HOW_TO_GET}"
+        )
+
+
 def load_gpt2_small_suite(device: str | torch.device = "cpu", layers: list[int] | None = None):
     """GPT-2 small with the attention SAE and the transcoder of every layer (or of ``layers``)."""
     from saes.suite import Suite
 
     layers = list(range(GPT2_LAYERS)) if layers is None else layers
-    model = load_gpt2_small(device)
-    attn = {l: load_kk_attn_sae(l, device) for l in layers}
-    mlp = {l: load_dunefsky_transcoder(l, device) for l in layers}
+    check_hub_cache(layers)
+    try:
+        model = load_gpt2_small(device)
+        attn = {l: load_kk_attn_sae(l, device) for l in layers}
+        mlp = {l: load_dunefsky_transcoder(l, device) for l in layers}
+    except OSError as e:  # the hub's connection and missing-entry errors are OSErrors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise HubFilesMissing(f"could not load GPT-2 small and its dictionaries from the Hugging Face hub ({first}). "
+                              f"To get them, {_HOW_TO_GET}") from None
     return Suite(name="gpt2-small", model=model, attn_saes=attn, transcoders=mlp,
                  info={"processing": GPT2_PROCESSING, "attn_release": KK_RELEASE, "transcoder_repo": TRANSCODER_REPO})

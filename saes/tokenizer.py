@@ -1,7 +1,7 @@
 """A byte-level BPE tokenizer (GPT-2 style) trained with ``tokenizers``, saved for TransformerLens.
 
 TransformerLens re-loads a tokenizer by its ``name_or_path``, so a tokenizer built in memory is first saved
-with ``save_pretrained(dir)`` and then loaded back from ``dir`` (see ../shared/docs/ENV.md).
+with ``save_pretrained(dir)`` and then loaded back from ``dir``.
 """
 
 from __future__ import annotations

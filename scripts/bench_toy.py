@@ -5,7 +5,7 @@ against a Python loop that trains the 20 instances one after another, in one run
 
 Both paths run the same ``train_toy_model`` (one ``bmm``/``baddbmm`` per product over the instance axis, no Python
 work per instance). Each is timed twice: wall clock, and the CPU time of this process (``time.process_time``),
-which other jobs on a shared machine disturb much less. ``--loop-fraction`` < 1 times the loop on that fraction of
+which other processes disturb much less. ``--loop-fraction`` < 1 times the loop on that fraction of
 the steps of every instance and extrapolates linearly (each step costs the same; the table says which numbers are
 measured and which extrapolated).
 """

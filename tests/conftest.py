@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine two threads are several times slower."""
+    """Tiny models run fastest on one thread."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,4 +1,4 @@
-"""Every identity of ATTRIBUTION.md section 5, on tiny random float64 models (tolerance 1e-9).
+"""Every identity of docs/attribution.md, on tiny random float64 models (tolerance 1e-9).
 
 Interventions are made in the *real* TransformerLens model with hooks that freeze patterns and LayerNorm
 scales and splice in the dictionaries with frozen activations, so they do not reuse the code under test.

@@ -1,4 +1,4 @@
-"""The identities of ATTRIBUTION.md on the embedded mini suite (float32, tolerance 1e-4). Marked slow."""
+"""The identities of docs/attribution.md on the embedded mini suite (float32, tolerance 1e-4). Marked slow."""
 
 import os
 

@@ -97,7 +97,7 @@ def test_cli_errors_name_the_fix(suite_dir, tmp_path, capsys, argv, message):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The shipped mini suite against the issue's floors (slow: a forward pass over all held-out tokens)
+# The shipped mini suite against the detector floors (slow: a forward pass over all held-out tokens)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def mini_detectors():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [
-    pytest.param("full stop", marks=pytest.mark.xfail(strict=True, reason="issue 4: no dictionary of the shipped suite "
+    pytest.param("full stop", marks=pytest.mark.xfail(strict=True, reason="no dictionary of the shipped suite "
                                                       "separates sentence ends from attribute access well enough yet")),
     "for",
     "import",

@@ -61,7 +61,7 @@ def test_idx_reader_reads_hand_written_bytes(tmp_path):
 
 def test_idx_reader_rejects_bad_files(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
-    with pytest.raises(ValueError, match="not an IDX file"):
+    with pytest.raises(ValueError, match="bad is not a valid IDX file: bad magic number"):
         read_idx(tmp_path / "bad")
     images, _ = synthetic_digits(3)
     write_idx(tmp_path / "short", images, compress=False)
@@ -206,6 +206,30 @@ def test_cli_runs_one_experiment(test_set_only, tmp_path):
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["experiments_run"] == [1] and "exp1" in res and "exp3" not in res
+
+
+@pytest.mark.parametrize("damage", ["not_gzip", "cut_gzip", "cut_raw"])
+def test_cli_names_a_corrupt_idx_file_and_writes_nothing(test_set_only, tmp_path, capsys, damage):
+    from scripts.cli import main
+
+    folder, images, _ = test_set_only
+    gz = folder / "t10k-images-idx3-ubyte.gz"
+    if damage == "not_gzip":
+        gz.write_bytes(b"<html>404 Not Found</html>" * 10)  # what a failed download often leaves
+        bad = gz
+    elif damage == "cut_gzip":
+        gz.write_bytes(gz.read_bytes()[: len(gz.read_bytes()) // 2])
+        bad = gz
+    else:
+        gz.unlink()
+        bad = folder / "t10k-images-idx3-ubyte"
+        write_idx(bad, images, compress=False)
+        bad.write_bytes(bad.read_bytes()[:-100])
+    out = tmp_path / "o"
+    assert main(["mnist", "--mnist-dir", str(folder), "--exp", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{bad} is not a valid IDX file" in err and "re-download it" in err, err
+    assert not out.exists()
 
 
 def test_cli_reports_a_missing_folder(tmp_path, capsys):

@@ -198,3 +198,52 @@ def test_layer_out_of_range():
 
     with pytest.raises(ValueError, match="0..11"):
         load_dunefsky_transcoder(12)
+
+
+# ---------------------------------------------------------------------------------------------- no hub, no files
+def test_download_lines_fetch_exactly_what_the_offline_check_needs(tmp_path):
+    from saes.pretrained import HubFilesMissing, check_hub_cache, download_commands, hub_files
+
+    lines = download_commands()
+    fetched = []
+    for line in lines:
+        words = line.split()
+        assert words[:2] == ["huggingface-cli", "download"] and len(words) > 3, line
+        fetched += [(words[2], name) for name in words[3:]]
+    assert sorted(fetched) == sorted(hub_files()) and len(set(fetched)) == len(fetched) == 6 + 24 + 12
+    assert {name for repo, name in fetched if repo == "ckkissane/attn-saes-gpt2-small-all-layers"} >= {_kk_file_name(5)}
+    assert ("pchlenski/gpt2-transcoders", TRANSCODER_FILE.format(layer=11)) in fetched
+    # a cache holding exactly those files passes the check; without one of them the check names it
+    cache = tmp_path / "hub"
+    staging = tmp_path / "staging"
+    by_repo: dict[str, dict[str, Path]] = {}
+    for repo, name in fetched:
+        (staging / repo).mkdir(parents=True, exist_ok=True)
+        if repo == TRANSCODER_REPO and name == TRANSCODER_FILE.format(layer=11):
+            continue
+        (staging / repo / name).write_text("x")
+        by_repo.setdefault(repo, {})[name] = staging / repo / name
+    for repo, files in by_repo.items():
+        _put_in_hub_cache(cache, repo, files)
+    with pytest.raises(HubFilesMissing) as e:
+        check_hub_cache(cache_dir=cache)
+    msg = str(e.value)
+    assert f"1 of them are not in the cache {cache} (first: {TRANSCODER_REPO}/{TRANSCODER_FILE.format(layer=11)})" in msg
+    assert "HF_HUB_OFFLINE=1" in msg and "download_commands" in msg
+    check_hub_cache(layers=list(range(11)), cache_dir=cache)  # layers 0..10 are all there
+
+
+def test_gpt2_small_without_the_hub_says_what_is_missing_and_writes_nothing(tmp_path):
+    """``--model gpt2-small`` offline with an empty cache: one line naming the files and the fix, no traceback."""
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home"),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "scripts.cli", "trace", "--model", "gpt2-small", "--prompt", "Hello",
+                           "--out", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "GPT-2 small and its dictionaries need 42 files from the Hugging Face hub" in err
+    assert "42 of them are not in the cache" in err and "(first: gpt2/config.json)" in err
+    assert "connect to the hub once" in err and "huggingface-cli download" in err
+    assert not out.exists()

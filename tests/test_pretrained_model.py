@@ -252,7 +252,7 @@ def gpt2_hub_env(tmp_path):
 
 @pytest.mark.slow
 def test_gpt2_small_suite_end_to_end_through_a_hub_cache(tmp_path, gpt2_hub_env):
-    """About 2 minutes of CPU time (7 minutes of wall time on 2 busy cores); writes and deletes 550 MB."""
+    """About 2 minutes of CPU time; writes and deletes 550 MB."""
     env = gpt2_hub_env
 
     # 1. load_suite("gpt2-small"): the model with its processing, all 24 dictionaries, each fitting the model

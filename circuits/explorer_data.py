@@ -8,7 +8,9 @@
 3. ``nodes``: columns over the circuit's node table (node 0 is the target): id, kind, row, pos, layer, feature
    (-1 if none), activation, ``attribution`` (hierarchical ``T_s`` to the target), ``influence`` (graph
    influence), label (given labels, else a default: the token for an embedding, the dictionary for an error),
-   ``card`` (a key into ``cards`` or null) and ``shown`` (kept by the default pruning).
+   ``card`` (a key into ``cards`` or null), ``shown`` (kept by the default pruning) and ``remainder`` (the part of
+   the node's input from sources the attribution threshold dropped, which the page's pruning counts as
+   unexplained, as ``circuits.influence`` does).
 4. ``edges``: src and dst node indices, weight, shown; at most ``max_edges`` of them (the shown ones, then the
    largest by |weight|; ``meta.n_edges_total`` counts them all). ``heads``: for each edge into an attention
    feature, its edge index, its per-head parts (summing to its weight) and its source position.
@@ -106,7 +108,8 @@ def explorer_payload(circuit: Circuit, cards: dict[str, dict] | None = None, lab
         "rows": rows,
         "nodes": dict(id=list(c.ids), kind=kinds, row=row, pos=pos, layer=layers, feature=feats,
                       activation=_floats(c.node_activation), attribution=_floats(c.node_attribution),
-                      influence=_floats(c.node_influence), label=label, card=card, shown=c.node_shown.tolist()),
+                      influence=_floats(c.node_influence), label=label, card=card, shown=c.node_shown.tolist(),
+                      remainder=_floats(c.node_remainder)),
         "edges": dict(src=c.edge_src[sel].tolist(), dst=c.edge_dst[sel].tolist(), weight=_floats(c.edge_weight[sel]),
                       shown=c.edge_shown[sel].tolist()),
         "heads": dict(edge=new_edge[head_edges].tolist(), weights=_floats(c.head_weights[h_keep]),

@@ -29,6 +29,14 @@
    the measurement, not of the method, and one that falls on the batched runs only. On CUDA the device is
    synchronised before each clock reading. The rate is FLOPs / time against the matrix-multiply peak of step 1
    (float32 square matmuls on the same device). The table is printed (and written as JSON with ``--json``).
+4. ``circuits trace`` end to end against ``attribute`` alone, in one run: on the embedded ``mini`` suite (when
+   built) and ``--trace-prompt`` (default: the prompt of ``make demo``) at ``--trace-threshold`` (default 0, every
+   active node), the default target, no faithfulness curve: ``attribute`` on a linearised model built beforehand,
+   then the whole ``trace`` call (tokenising, the linearised model, attribution, the tensor circuit, graph
+   influence, scores and pruning), then its parts after attribution (``build_circuit``, ``score_and_prune``). The
+   ratio trace / attribute is printed; FLOPs are not counted for these rows.
+
+    python -m scripts.bench_attribution --suites mini --only-trace --threads 2
 """
 
 from __future__ import annotations
@@ -390,7 +398,64 @@ def run(args) -> list[dict]:
                       f"{seconds[thr, 1][1] / seconds[thr, args.batch_size][1]:.1f}x) faster than one pass per target")
             del lm, index
         del suite
+    if not args.no_trace:
+        trace_rows(args, report)
     return rows
+
+
+DEMO_PROMPT = "import os\nimport sys\n\ndef main(args):\n    for name in args:\n        print(name"
+
+
+def trace_rows(args, report) -> None:
+    """Step 4 of the module docstring."""
+    from circuits.attribution import attribute
+    from circuits.graph import build_circuit
+    from circuits.influence import score_and_prune
+    from circuits.linear_model import LinearisedModel
+    from circuits.trace import default_target, trace
+    from saes.suite import MINI_DIR, load_suite
+
+    if not (MINI_DIR / "cfg.json").is_file():
+        print(f"# skipping the trace rows: {MINI_DIR}/cfg.json does not exist yet (build it with scripts/build_mini.py)")
+        return
+    device = torch.device(args.device)
+    suite = load_suite("mini", device=str(device))
+    for p in suite.model.parameters():
+        p.requires_grad_(False)
+    prompt, thr = args.trace_prompt, args.trace_threshold
+    lm = LinearisedModel(suite, suite.tokens(prompt))
+    target = default_target(lm)
+    holder: dict = {}
+
+    def attribute_alone():
+        holder["a"] = attribute(lm, target, threshold=thr, batch_size=args.trace_batch_size, progress=False)
+
+    def trace_all():
+        holder["t"] = trace(suite, prompt, target, threshold=thr, batch_size=args.trace_batch_size, faithfulness=False,
+                            progress=False)
+
+    def build():
+        holder["c"] = build_circuit(lm, holder["a"], prompt, suite.name)
+
+    def score():
+        score_and_prune(holder["c"])
+
+    t_a, c_a, m_a = measure(attribute_alone, device, quick=60.0)  # best of three: the ratio needs both steady
+    a = holder["a"]
+    base = dict(suite="mini", pos=lm.n_pos, nodes=a.index.n, targets=len(a.reader_cols), flops=0, kept=int(a.hierarchy.kept.sum()),
+                edges=len(a.edge_weight))
+    report({**base, "what": f"attribute alone, thr={thr:g}", "seconds": t_a, "cpu_seconds": c_a, "peak_bytes": m_a})
+    t_t, c_t, m_t = measure(trace_all, device, quick=60.0)
+    circuit = holder["t"].circuit
+    report({**base, "what": "trace end to end, no faithfulness", "seconds": t_t, "cpu_seconds": c_t, "peak_bytes": m_t,
+            "ratio_to_attribute": t_t / t_a, "shown_nodes": int(circuit.node_shown.sum()), "shown_edges": int(circuit.edge_shown.sum())})
+    t_b, c_b, m_b = measure(build, device)
+    report({**base, "what": "  of which build_circuit", "seconds": t_b, "cpu_seconds": c_b, "peak_bytes": m_b})
+    t_s, c_s, m_s = measure(score, device)
+    report({**base, "what": "  of which score_and_prune", "seconds": t_s, "cpu_seconds": c_s, "peak_bytes": m_s})
+    print(f"#   trace end to end on {lm.n_pos} tokens at threshold {thr:g} ({base['kept']} kept nodes, {base['edges']} edges; "
+          f"{int(circuit.node_shown.sum())} nodes and {int(circuit.edge_shown.sum())} edges shown): {t_t / t_a:.2f}x attribute "
+          f"alone (CPU time {c_t / c_a:.2f}x)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -404,6 +469,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fire", type=int, default=40, help="features active per position in the gpt2-shapes dictionaries")
     p.add_argument("--full", action="store_true", help="time one pass per target at every prompt length, not only the shortest")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--trace-prompt", default=DEMO_PROMPT, help="prompt of the trace-against-attribute rows (default: make demo's)")
+    p.add_argument("--trace-threshold", type=float, default=0.0, help="attribution threshold of the trace rows")
+    p.add_argument("--trace-batch-size", type=int, default=64, help="readers per pass in the trace rows (trace's default)")
+    p.add_argument("--no-trace", action="store_true", help="skip the trace-against-attribute rows")
+    p.add_argument("--only-trace", action="store_true", help="only the trace-against-attribute rows")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model, dictionaries and attribution run")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice); on a shared, oversubscribed machine 1 "
@@ -414,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
                 "use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.only_trace:
+        args.suites = []
     rows = run(args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

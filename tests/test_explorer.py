@@ -119,65 +119,6 @@ def synthetic_payload(seed: int = 0, n_layers: int = 2, n_pos: int = 8, max_feat
     return payload
 
 
-def provisional_payload(circuit) -> dict:
-    """PROVISIONAL: a payload from today's ``Circuit`` dicts, following the contract, until
-    ``circuits.explorer_data.explorer_payload`` exists (then use that instead). No cards; labels from top tokens."""
-    n_layers = circuit.n_layers
-    rows = ["embeddings"] + [f"{s}{layer}" for layer in range(n_layers) for s in ("attn", "mlp")] + ["target"]
-    order = sorted(range(len(circuit.nodes)), key=lambda i: circuit.nodes[i]["kind"] != "target")
-    nodes = [circuit.nodes[i] for i in order]
-    index = {n["id"]: j for j, n in enumerate(nodes)}
-
-    def row(n):
-        if n["kind"] == "target":
-            return len(rows) - 1
-        if n["kind"] in TOKEN_KINDS:
-            return 0
-        return 2 * n["layer"] + (1 if n["kind"].startswith("attn") else 2)
-
-    def label(n):
-        if n["kind"] in TOKEN_KINDS:
-            return repr(n["token"]) if n["kind"] == "embed" else f"position {n['pos']}"
-        if n["kind"] == "target":
-            return circuit.target
-        if n["kind"].endswith("error"):
-            return f"{n['kind'][:-6]}{n['layer']} error"
-        return " ".join(repr(t) for t in n.get("top_tokens", []))
-
-    cols = dict(id=[n["id"] for n in nodes], kind=[n["kind"] for n in nodes], row=[row(n) for n in nodes],
-                pos=[n["pos"] for n in nodes], layer=[n["layer"] for n in nodes], feature=[n["feature"] for n in nodes],
-                activation=[n["activation"] for n in nodes], attribution=[n["influence"] for n in nodes],
-                influence=[0.0] * len(nodes), label=[label(n) for n in nodes], card=[None] * len(nodes),
-                shown=[False] * len(nodes), remainder=[n["remainder"] for n in nodes])
-    edges = {"src": [], "dst": [], "weight": [], "shown": []}
-    heads = {"edge": [], "weights": [], "src_pos": []}
-    for e in circuit.edges:
-        if "head_weights" in e:
-            heads["edge"].append(len(edges["src"]))
-            heads["weights"].append(list(e["head_weights"]))
-            heads["src_pos"].append(e["src_pos"])
-        edges["src"].append(index[e["source"]])
-        edges["dst"].append(index[e["target"]])
-        edges["weight"].append(e["weight"])
-        edges["shown"].append(False)
-    qk = None
-    if circuit.qk:
-        pairs = circuit.qk["pairs"]
-        qk = dict(query_nodes=circuit.qk["query_nodes"], key_nodes=circuit.qk["key_nodes"], pairs=pairs,
-                  score=circuit.qk["score"], query_marginal=[sum(r) for r in pairs],
-                  key_marginal=[sum(c) for c in zip(*pairs)])
-    payload = dict(
-        schema=1,
-        meta=dict(model=circuit.model, prompt=circuit.prompt, target=circuit.target, target_value=circuit.target_value,
-                  max_relative_residual=circuit.max_relative_residual, threshold=circuit.threshold, n_layers=n_layers,
-                  n_heads=len(heads["weights"][0]) if heads["weights"] else 0, scores=dict(circuit.scores),
-                  node_threshold=0.8, edge_threshold=0.98, cards_note="no feature cards were made for this circuit"),
-        tokens=list(circuit.tokens), rows=rows, nodes=cols, edges=edges, heads=heads, qk=qk, cards={},
-    )
-    _mark_shown(payload)
-    return payload
-
-
 # ------------------------------------------------------------------------------------ the reference pruning
 def _dense(payload: dict):
     """The adjacency ``A[dst, src]`` in circuit-tracer's node order (features, errors, tokens, target), float64."""
@@ -328,13 +269,10 @@ def mini(browser, tmp_path_factory):
     from circuits.trace import trace
     from saes.suite import load_suite
 
+    from circuits.explorer_data import explorer_payload
+
     circuit = trace(load_suite("mini"), DEMO_PROMPT, threshold=0.02, faithfulness=False, progress=False).circuit
-    try:
-        from circuits.explorer_data import explorer_payload
-    except ImportError:  # PROVISIONAL: until the explorer payload exists, build it here
-        payload = provisional_payload(circuit)
-    else:
-        payload = explorer_payload(circuit)
+    payload = explorer_payload(circuit)
     page = _open(browser, payload, tmp_path_factory.mktemp("explorer"), "mini")
     yield payload, page
     page.close()

@@ -396,10 +396,10 @@ def test_mini_strongest_edge_by_intervention():
     suite = load_suite("mini")
     prompt = "import os\nimport sys\n\ndef main(args):\n"
     t = trace(suite, prompt, threshold=0.01, faithfulness=False, progress=False)
-    into = [e for e in t.circuit.edges if e["target"] == "target" and ":" in e["source"]]
-    strongest = max(into, key=lambda e: abs(e["weight"]))
-    res = intervene(suite, prompt, {strongest["source"]: "*0"}, freeze="all", lm=t.model)
+    into = [e for e in t.circuit.edges() if e.target == "target" and ":" in e.source]
+    strongest = max(into, key=lambda e: abs(e.weight))
+    res = intervene(suite, prompt, {strongest.source: "*0"}, freeze="all", lm=t.model)
     assert res.target.spec == t.circuit.target
-    assert res.target.change == pytest.approx(-strongest["weight"], abs=1e-4 * max(1.0, abs(res.target.clean)))
-    live = intervene(suite, prompt, {strongest["source"]: "*0"}, freeze="none", lm=t.model)
+    assert res.target.change == pytest.approx(-strongest.weight, abs=1e-4 * max(1.0, abs(res.target.clean)))
+    live = intervene(suite, prompt, {strongest.source: "*0"}, freeze="none", lm=t.model)
     assert live.target.clean == pytest.approx(res.target.clean, abs=1e-5) and live.target.change != 0

@@ -34,6 +34,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuits.linear_model import attn_stage, mlp_stage
+from circuits.sites import Site, dictionary_name
 from saes.suite import flatten_z
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class FeatureTarget:
 
     @property
     def spec(self) -> str:
-        return f"{'attn' if self.kind == 'attn_feature' else 'mlp'}{self.layer}:{self.feature}@{self.pos}"
+        return f"{dictionary_name(self.kind, self.layer)}:{self.feature}@{self.pos}"
 
     def stage(self, lm: "LinearisedModel") -> int:
         return attn_stage(self.layer) if self.kind == "attn_feature" else mlp_stage(self.layer)
@@ -320,7 +321,7 @@ def parse_target(spec: str, suite, n_pos: int) -> Target:
         feature, d_sae = int(feat_s), sae.cfg.d_sae
         if not 0 <= feature < d_sae:
             raise ValueError(f"feature {feature} is out of range for {family}{layer}, which has {d_sae} features: use 0..{d_sae - 1}")
-        return FeatureTarget("attn_feature" if family == "attn" else "mlp_feature", layer, feature,
+        return FeatureTarget(Site(family, layer).feature_kind, layer, feature,
                              _position(pos_s, n_pos, "position"))
     if m := _SCORE.match(spec):
         layer = _layer(m.group(1), cfg.n_layers)

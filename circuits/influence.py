@@ -6,9 +6,9 @@ Algorithm (Ameisen et al. 2025, "Circuit Tracing", graph scores and pruning; cir
    |remainder_dst|)``. The remainder (the part from sources the threshold dropped) counts as unexplained mass,
    like an error node; with ``--threshold 0`` it is zero and these are the paper's definitions.
 2. Influence: ``I = e_target (N + N^2 + N^3 + ...)``. Every edge goes from a lower stage to a higher one, so one
-   sweep over the stages from the top down gives it exactly: a node's influence is
-   ``sum over its out-edges of N[dst, src] * (I[dst] + [dst is the target])``, and every ``dst`` is final when its
-   sources' stage is reached. Each edge is read once.
+   sweep gives it exactly: a node's influence is ``sum over its out-edges of N[dst, src] * (I[dst] + [dst is the
+   target])``; reading the in-edges of each stage's nodes from the top stage down, those nodes' own influence is
+   final when their in-edges are read (all their out-edges reach higher stages). Each edge is read once.
 3. Replacement score: influence reaching the embeddings over influence reaching the embeddings, the error and
    MLP-output nodes and the remainders. Completeness score: the influence-weighted share of each node's input
    that comes from neither error nodes nor remainders.

@@ -59,7 +59,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from circuits import sites
-from circuits.sites import FEATURE_KINDS, KIND_CODE, KINDS, TARGET_ID, TOKEN_KINDS
+from circuits.sites import FEATURE_KINDS, KIND_CODE, KINDS, TOKEN_KINDS
 
 log = logging.getLogger(__name__)
 

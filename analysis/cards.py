@@ -8,11 +8,12 @@
    dictionary's features it keeps (BOS positions excluded):
    a. a running top-k over rows of each feature's maximum in the row (and where in the row it is), so the
       top contexts come from distinct rows;
-   b. an exact histogram of its non-zero activations with ``n_bins`` equal bins over ``[0, R_f]``. ``R_f`` starts
-      at the feature's first non-zero batch maximum and doubles, merging adjacent bins pairwise, whenever a
-      larger activation arrives; so the counts are exact in one pass without knowing the maximum in advance,
-      and at the end the maximum lies in the upper half of the range. Counts sum to the number of tokens on
-      which the feature is active;
+   b. an exact histogram of its non-zero activations with ``n_bins`` equal half-open bins over ``[0, R_f)``.
+      ``R_f`` is a power of two: it starts as the smallest one above the feature's first non-zero batch
+      maximum and doubles, merging adjacent bins pairwise, whenever an activation reaches it. Halving a
+      power-of-two range is exact in floating point, so the counts equal those of a histogram made after the
+      fact with the final range, in one pass and without knowing the maximum in advance; at the end the
+      maximum lies in ``[R_f / 2, R_f)``. Counts sum to the number of tokens on which the feature is active;
    c. the number of tokens on which it is active.
 3. *Cache*: per dictionary, those statistics as safetensors plus a JSON description, under
    ``<cache>/<suite>-<key>/<dictionary>.safetensors``. The key hashes a fingerprint of the model's weights, the
@@ -95,6 +96,10 @@ class NoCardText(ValueError):
     """There is no text to build cards from; the message is the note the explorer shows."""
 
 
+class TextUnavailable(ValueError):
+    """A named dataset could not be loaded (no network and no local cache, or no such dataset)."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 1. Text
 
@@ -149,7 +154,7 @@ def dataset_texts(spec: str) -> Iterator[str]:
 
         data = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # the library raises many types for a missing network, name or split
-        raise ValueError(f"could not load the dataset {spec!r} ({type(e).__name__}: {e}); it needs the network or "
+        raise TextUnavailable(f"could not load the dataset {spec!r} ({type(e).__name__}: {e}); it needs the network or "
                          f"its local cache; name a local folder or text file instead") from e
     column = "text" if "text" in data.column_names else next(
         (c for c, f in data.features.items() if getattr(f, "dtype", None) == "string"), None)
@@ -217,8 +222,8 @@ class CardStats:
     top_values: Float[Tensor, "d_sae k"]  # the k largest row maxima, descending; 0 where fewer rows fire
     top_rows: Int[Tensor, "d_sae k"]  # the rows they come from (-1: none)
     top_pos: Int[Tensor, "d_sae k"]  # the position of the maximum in its row
-    hist_counts: Int[Tensor, "d_sae n_bins"]  # bins of width hist_range / n_bins from 0
-    hist_range: Float[Tensor, "d_sae"]  # 0 for a feature that never fires
+    hist_counts: Int[Tensor, "d_sae n_bins"]  # half-open bins of width hist_range / n_bins from 0
+    hist_range: Float[Tensor, "d_sae"]  # a power of two above every activation; 0 for a feature that never fires
     n_active: Int[Tensor, "d_sae"]
     n_tokens: int
 
@@ -256,9 +261,10 @@ class RunningStats:
         flat = acts.reshape(b * p, f)
         batch_max = row_max.max(dim=0).values
         fresh = (self.range == 0) & (batch_max > 0)
-        self.range[fresh] = batch_max[fresh]
+        if fresh.any():
+            self.range[fresh] = first_range(batch_max[fresh])
         while True:
-            grow = batch_max > self.range
+            grow = (batch_max >= self.range) & (batch_max > 0)  # values stay below the range: bins are half-open
             if not grow.any():
                 break
             half = self.n_bins // 2
@@ -268,8 +274,8 @@ class RunningStats:
         t, feat = (flat > 0).nonzero(as_tuple=True)
         if len(t):
             vals = flat[t, feat]
-            # range is a power of two times its start and n_bins a power of two: bins stay exact under merging
-            bins = (vals / self.range[feat] * self.n_bins).floor().long().clamp_(0, self.n_bins - 1)
+            # vals < range, both scaled by powers of two only: the bin is exact and below n_bins
+            bins = (vals / self.range[feat] * self.n_bins).floor().long()
             self.counts += torch.bincount(feat * self.n_bins + bins, minlength=f * self.n_bins).view(f, self.n_bins)
             self.n_active += torch.bincount(feat, minlength=f)
 
@@ -282,6 +288,13 @@ class RunningStats:
             hist_counts=self.counts.cpu(), hist_range=self.range.cpu(), n_active=self.n_active.cpu(),
             n_tokens=self.n_tokens,
         )
+
+
+def first_range(maxima: Float[Tensor, "n"]) -> Float[Tensor, "n"]:
+    """The smallest power of two strictly above each (positive) maximum."""
+    r = torch.exp2(torch.floor(torch.log2(maxima)) + 1)
+    r = torch.where(r / 2 > maxima, r / 2, r)  # log2 rounded up just below a power of two
+    return torch.where(r <= maxima, r * 2, r)
 
 
 @torch.inference_mode()

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CACHE_ENV = "CIRCUITS_CARDS_CACHE"
-DEFAULT_DATASET = "NeelNanda/pile-10k"
+DEFAULT_DATASET = "NeelNanda/pile-10k:train[:2000]"  # a slice: the first 2,000 documents
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst")
 # Numbers of a scorecard (analysis/scorecard.py) shown on a card.
 SCORECARD_FIELDS = ("specificity", "sensitivity", "density", "max_act", "max_neuron_corr", "ablation_delta_loss")

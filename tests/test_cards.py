@@ -11,10 +11,12 @@ import torch
 
 import analysis.cards as cards_mod
 from analysis.cards import (
-    CardConfig, CardText, NoCardText, RunningStats, auto_label, build_feature_cards, card_text_source,
+    CardConfig, CardText, NoCardText, RunningStats, attach_dashboards, auto_label, build_feature_cards, card_text_source,
     collect_card_stats, logit_weights, neuronpedia_labels, parse_neuronpedia_feature,
 )
-from analysis.scorecard import decoder_logit_weights, dictionary_input, token_set_from_texts
+from analysis.scorecard import (
+    collect_activations, decoder_logit_weights, dictionary_input, scorecard, token_set_from_texts, write_scorecard,
+)
 from saes.dictionary import encode, spec_of
 from saes.suite import Suite
 from saes.testing import TINY_TEXT, make_suite
@@ -127,6 +129,19 @@ def test_cards_follow_the_payload_contract(tiny, tmp_path):
     assert len(ctx[0]["tokens"]) <= SMALL.before + 1 + SMALL.after
 
 
+def test_scorecards_and_dashboards_are_attached_where_computed(tiny, tmp_path):
+    suite, tokens = tiny
+    fa = collect_activations(suite, "mlp1", [3], tokens)
+    written = scorecard(suite, fa, 3, None, tokens, ablation_rows=2)
+    write_scorecard(written, tmp_path / "dashboards" / "mlp1_f3.scorecard.json")
+    cards = build_feature_cards(suite, [("mlp1", 3), ("attn0", 5)], tokens, cache_dir=tmp_path / "cache",
+                                progress=False, config=SMALL, scorecard_dirs=[tmp_path / "dashboards"])
+    assert cards["mlp1:3"]["scorecard"] == {k: float(written[k]) for k in cards_mod.SCORECARD_FIELDS}
+    assert cards["attn0:5"]["scorecard"] is None
+    attach_dashboards(cards, {"mlp1:3@4": "dashboards/mlp1_f3.html", "mlp1:3@6": "dashboards/mlp1_f3.html"})
+    assert cards["mlp1:3"]["dashboard"] == "dashboards/mlp1_f3.html" and cards["attn0:5"]["dashboard"] is None
+
+
 def test_attention_logits_go_through_each_heads_W_O(tiny):
     suite, _ = tiny
     w = logit_weights(suite, "attn1", [7])[0]
@@ -211,7 +226,7 @@ def test_labels_are_short_deterministic_and_quoted():
     assert len(auto_label(long)) <= 60
 
 
-def test_text_sources(tiny, tmp_path):
+def test_text_sources(tiny, tmp_path, monkeypatch):
     suite, _ = tiny
     mini_like = Suite(name="mini", model=suite.model, attn_saes={}, transcoders={}, info={"corpus_python": "3.11.7"})
     assert card_text_source(mini_like, None) == CardText("corpus", "heldout")
@@ -221,6 +236,11 @@ def test_text_sources(tiny, tmp_path):
     assert folder.kind == "folder" and list(folder.texts()) == ["import os\n"]
     assert card_text_source(suite, str(tmp_path / "a.py")).kind == "file"
     assert card_text_source(suite, "NeelNanda/pile-10k:train") == CardText("dataset", "NeelNanda/pile-10k:train")
+    gpt2_like = Suite(name="gpt2-small", model=suite.model, attn_saes={}, transcoders={}, info={})
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    default = card_text_source(gpt2_like, None)  # online: a slice of a small public dataset, loaded only when used
+    assert default.kind == "dataset" and default.default and default.name.startswith("NeelNanda/pile-10k")
     with pytest.raises(ValueError, match="no such file or folder"):
         card_text_source(suite, "./missing-folder")
     (tmp_path / "empty").mkdir()

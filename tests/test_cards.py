@@ -20,7 +20,7 @@ from analysis.scorecard import (
 from saes.dictionary import encode, spec_of
 from saes.suite import Suite
 from saes.testing import TINY_TEXT, make_suite
-from scripts.cards_args import add_card_args, cards_from_args
+from scripts.cards_args import add_card_args, cards_from_args, circuit_features
 
 CARD_KEYS = {"title", "label", "contexts", "top_logits", "bottom_logits", "histogram", "scorecard", "dashboard"}
 
@@ -267,6 +267,9 @@ def test_gpt2_small_without_text_gives_no_cards_and_a_note(tiny, monkeypatch, tm
     args = parser.parse_args(["--cards-text", str(tmp_path / "text"), "--cards-cache", str(tmp_path / "cache"), "--cards-tokens", "200"])
     cards, labels, note = cards_from_args(args, gpt2_like, [("mlp1", 3)])
     assert note is None and labels == {"mlp1:3": cards["mlp1:3"]["label"]}
+    nodes = [dict(kind="mlp_feature", layer=1, feature=3), dict(kind="embed", layer=-1, feature=-1),
+             dict(kind="attn_feature", layer=0, feature=5), dict(kind="mlp_feature", layer=1, feature=3)]
+    assert circuit_features(nodes) == [("mlp1", 3), ("attn0", 5)]
     args = parser.parse_args(["--no-cards"])
     assert cards_from_args(args, gpt2_like, [("mlp1", 3)])[2] == "no feature cards: --no-cards was given"
 
@@ -312,3 +315,17 @@ def test_config_is_validated():
         CardConfig(n_bins=24)
     with pytest.raises(ValueError, match="n_tokens must be positive"):
         CardConfig(n_tokens=0)
+
+
+def test_shape_annotations_hold(tiny):
+    from jaxtyping import TypeCheckError, jaxtyped
+
+    beartype = pytest.importorskip("beartype").beartype
+    suite, _ = tiny
+    checked = lambda fn: jaxtyped(typechecker=beartype)(fn)  # noqa: E731
+    assert checked(logit_weights)(suite, "attn0", [1, 2]).shape == (2, suite.model.cfg.d_vocab)
+    assert checked(cards_mod.first_range)(torch.tensor([0.3, 1.0, 5.0])).tolist() == [0.5, 2.0, 8.0]
+    r = RunningStats(d_sae=4, k=2, n_bins=4, device=torch.device("cpu"))
+    checked(RunningStats.update)(r, torch.rand(2, 5, 4), 0)
+    with pytest.raises(TypeCheckError):
+        checked(cards_mod.first_range)(torch.ones(2, 2))

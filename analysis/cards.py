@@ -625,11 +625,12 @@ def neuronpedia_labels(suite_name: str, features: Iterable[tuple[str, int]], tim
 
     Neuronpedia covers, for model ``gpt2-small``: the attention SAEs ``attn{L}`` as sources ``{L}-att-kk``
     (Kissane et al., the ids sae-lens's release ``gpt2-small-hook-z-kk`` records) and the MLP transcoders
-    ``mlp{L}`` as ``{L}-tres-dc`` (Dunefsky et al.'s transcoders, the ``pchlenski/gpt2-transcoders`` weights this
-    project loads; the layer-8 set is the one ARENA's materials cite). A feature Neuronpedia has no explanation
-    for is left out (its automatic label stays). The embedded ``mini`` suite has none. This is the only network
-    use of the module: it runs only when asked, and raises ``ConnectionError`` with one clear line when
-    neuronpedia.org cannot be reached."""
+    ``mlp{L}`` as ``{L}-tres-dc`` (Dunefsky et al.'s transcoders, published as the ``pchlenski/gpt2-transcoders``
+    weights this project loads; ARENA's transcoder exercises compare layer 8 against ``gpt2-small/8-tres-dc``,
+    and the other layers follow the same naming). Which features carry explanations is Neuronpedia's to say: a
+    feature without a page (HTTP 404) or without an explanation is left out, and its automatic label stays. The
+    embedded ``mini`` suite has none. This is the only network use of the module: it runs only when asked, and
+    raises ``ConnectionError`` with one clear line when neuronpedia.org cannot be reached."""
     import urllib.error
     from concurrent.futures import ThreadPoolExecutor
 

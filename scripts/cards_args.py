@@ -1,6 +1,7 @@
 """Command-line options for feature cards and labels, shared by the subcommands that write an explorer page.
 
     add_card_args(parser)                        # --cards-text, --cards-tokens, --cards-cache, --no-cards, --labels
+    check_card_args(args, suite)                 # before tracing: bad options fail before any long work
     cards, labels, note = cards_from_args(args, suite, [("mlp1", 613), ("attn2", 17)])
 
 ``cards`` is ``{"mlp1:613": card}`` (``analysis/cards.py``), ``labels`` ``{"mlp1:613": short label}`` for every
@@ -35,6 +36,24 @@ def add_card_args(parser: argparse.ArgumentParser) -> None:
                         "publishes for gpt2-small's dictionaries, where it has one (needs the network)")
 
 
+def check_card_args(args: argparse.Namespace, suite) -> None:
+    """Raise one clear error for a bad card option (a missing path, an empty folder, a non-positive token count,
+    Neuronpedia labels for a suite it does not cover) before any long work. A dataset is loaded only when used."""
+    from analysis.cards import NoCardText, card_text_source
+
+    n_tokens = getattr(args, "cards_tokens", None)
+    if n_tokens is not None and n_tokens <= 0:
+        raise ValueError(f"--cards-tokens must be positive, got {n_tokens}")
+    if getattr(args, "labels", "auto") == "neuronpedia" and suite.name != "gpt2-small":
+        raise ValueError(f"--labels neuronpedia: Neuronpedia has no explanations for suite {suite.name!r}; use it with "
+                         f"--model gpt2-small, or drop it for automatic labels")
+    if not getattr(args, "no_cards", False):
+        try:
+            card_text_source(suite, getattr(args, "cards_text", None))
+        except NoCardText:
+            pass  # not an error: the explorer says that no cards were made
+
+
 def cards_from_args(args: argparse.Namespace, suite, circuit_features: Iterable[tuple[str, int]]
                     ) -> tuple[dict[str, dict[str, Any]], dict[str, str], str | None]:
     """Cards, labels and the explorer's note for ``circuit_features`` (``(dictionary, feature)`` pairs)."""
@@ -42,13 +61,9 @@ def cards_from_args(args: argparse.Namespace, suite, circuit_features: Iterable[
         CardConfig, NoCardText, TextUnavailable, build_feature_cards, card_text_source, logit_labels, neuronpedia_labels,
     )
 
+    check_card_args(args, suite)
     features = list(dict.fromkeys((str(d), int(f)) for d, f in circuit_features))
     n_tokens = getattr(args, "cards_tokens", None)
-    if n_tokens is not None and n_tokens <= 0:
-        raise ValueError(f"--cards-tokens must be positive, got {n_tokens}")
-    if getattr(args, "labels", "auto") == "neuronpedia" and suite.name != "gpt2-small":
-        raise ValueError(f"--labels neuronpedia: Neuronpedia has no explanations for suite {suite.name!r}; use it with "
-                         f"--model gpt2-small, or drop it for automatic labels")
     cards: dict[str, dict[str, Any]] = {}
     note: str | None = None
     if not features:

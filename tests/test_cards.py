@@ -20,7 +20,7 @@ from analysis.scorecard import (
 from saes.dictionary import encode, spec_of
 from saes.suite import Suite
 from saes.testing import TINY_TEXT, make_suite
-from scripts.cards_args import add_card_args, cards_from_args, circuit_features
+from scripts.cards_args import add_card_args, cards_from_args, check_card_args, circuit_features
 
 CARD_KEYS = {"title", "label", "contexts", "top_logits", "bottom_logits", "histogram", "scorecard", "dashboard"}
 
@@ -270,6 +270,13 @@ def test_gpt2_small_without_text_gives_no_cards_and_a_note(tiny, monkeypatch, tm
     nodes = [dict(kind="mlp_feature", layer=1, feature=3), dict(kind="embed", layer=-1, feature=-1),
              dict(kind="attn_feature", layer=0, feature=5), dict(kind="mlp_feature", layer=1, feature=3)]
     assert circuit_features(nodes) == [("mlp1", 3), ("attn0", 5)]
+    for bad, message in ((["--cards-text", str(tmp_path / "nope")], "no such file or folder"),
+                         (["--cards-tokens", "0"], "must be positive")):
+        with pytest.raises(ValueError, match=message):
+            check_card_args(parser.parse_args(bad), gpt2_like)
+    mini_like = Suite(name="mini", model=suite.model, attn_saes={}, transcoders={}, info={"corpus_python": "3.11.7"})
+    with pytest.raises(ValueError, match="no explanations for suite 'mini'"):
+        check_card_args(parser.parse_args(["--labels", "neuronpedia"]), mini_like)
     args = parser.parse_args(["--no-cards"])
     assert cards_from_args(args, gpt2_like, [("mlp1", 3)])[2] == "no feature cards: --no-cards was given"
 

@@ -58,8 +58,9 @@ def cards_from_args(args: argparse.Namespace, suite, circuit_features: Iterable[
                     ) -> tuple[dict[str, dict[str, Any]], dict[str, str], str | None]:
     """Cards, labels and the explorer's note for ``circuit_features`` (``(dictionary, feature)`` pairs)."""
     from analysis.cards import (
-        CardConfig, NoCardText, TextUnavailable, build_feature_cards, card_text_source, logit_labels, neuronpedia_labels,
+        CardConfig, NoCardText, TextUnavailable, build_feature_cards, card_text_source, logit_labels,
     )
+    from analysis.neuronpedia import neuronpedia_labels
 
     check_card_args(args, suite)
     features = list(dict.fromkeys((str(d), int(f)) for d, f in circuit_features))

@@ -12,8 +12,9 @@ import torch
 import analysis.cards as cards_mod
 from analysis.cards import (
     CardConfig, CardText, NoCardText, RunningStats, attach_dashboards, auto_label, build_feature_cards, card_text_source,
-    collect_card_stats, logit_weights, neuronpedia_labels, parse_neuronpedia_feature,
+    collect_card_stats, logit_weights,
 )
+from analysis.neuronpedia import neuronpedia_labels, parse_neuronpedia_feature
 from analysis.scorecard import (
     collect_activations, decoder_logit_weights, dictionary_input, scorecard, token_set_from_texts, write_scorecard,
 )

@@ -7,7 +7,8 @@
    ``mlp0``, ..., ``target``.
 3. ``nodes``: columns over the circuit's node table (node 0 is the target): id, kind, row, pos, layer, feature
    (-1 if none), activation, ``attribution`` (hierarchical ``T_s`` to the target), ``influence`` (graph
-   influence), label (given labels, else a default: the token for an embedding, the dictionary for an error),
+   influence), label (given labels, keyed by node id or feature key such as ``mlp1:613``; else a default: the
+   token for an embedding, the dictionary for an error),
    ``card`` (a key into ``cards`` or null), ``shown`` (kept by the default pruning) and ``remainder`` (the part of
    the node's input from sources the attribution threshold dropped, which the page's pruning counts as
    unexplained, as ``circuits.influence`` does).
@@ -76,7 +77,7 @@ def explorer_payload(circuit: Circuit, cards: dict[str, dict] | None = None, lab
     label, card = [], []
     for i, nid in enumerate(c.ids):
         k = kinds[i]
-        label.append(labels.get(nid) or default_label(k, layers[i], pos[i], feats[i], c.tokens[pos[i]], c.target))
+        label.append(sites.label_for(labels, nid) or default_label(k, layers[i], pos[i], feats[i], c.tokens[pos[i]], c.target))
         key = sites.feature_key(k, layers[i], feats[i]) if k in FEATURE_KINDS else None
         card.append(key if cards is not None and key in cards else None)
     # edges: the shown ones first, then the largest others, up to max_edges; kept in their original order

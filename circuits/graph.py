@@ -40,8 +40,8 @@
        feature type with that feature's id; an attention-score target is a ``logit`` node
        ``{n_layers + 1}_{head}_{query pos}`` (``feature`` = head, the key position in its clerp); a direction
        target a ``logit`` node ``{n_layers + 1}_0_{pos}``. Every target's ``clerp`` is ``target: {spec}``.
-     - ``clerp`` carries a feature's label when labels are given (else its node id), ``influence`` the graph
-       influence and ``activation`` the activation.
+     - ``clerp`` carries a feature's label when labels are given (keyed by node id or by feature key such as
+       ``mlp1:613``; else its node id), ``influence`` the graph influence and ``activation`` the activation.
 """
 
 from __future__ import annotations
@@ -543,9 +543,9 @@ def attribution_graph_json(circuit: Circuit, slug: str = "circuit", labels: dict
         elif n.kind == "pos_embed":
             clerp = f"position {n.pos}"
         elif n.kind == "embed":
-            clerp = labels.get(n.id, repr(n.token))
+            clerp = sites.label_for(labels, n.id) or repr(n.token)
         else:
-            clerp = labels.get(n.id, n.id)
+            clerp = sites.label_for(labels, n.id) or n.id
         out_nodes.append(dict(
             node_id=nid, feature=int(feature), layer=layer_s, ctx_idx=n.pos, feature_type=ftype, token_prob=0.0,
             is_target_logit=n.kind == "target" and ftype == "logit", run_idx=0, reverse_ctx_idx=n_ctx - 1 - n.pos,

@@ -151,3 +151,12 @@ def parse_node_id(text: str) -> tuple[str, int, int, int]:
 def feature_key(kind: str, layer: int, feature: int) -> str:
     """``{dictionary}:{feature}``, the key of a feature's card (``mlp1:613``)."""
     return f"{dictionary_name(kind, layer)}:{feature}"
+
+
+def label_for(labels: dict[str, str], node_id: str) -> str | None:
+    """A node's label from ``labels`` keyed by node id (``mlp1:613@5``) or, for a feature, by its feature key
+    (``mlp1:613``, one label for every position); None when neither is there."""
+    if node_id in labels:
+        return labels[node_id]
+    key, _, _ = node_id.partition("@")
+    return labels.get(key) if ":" in key else None

@@ -6,12 +6,14 @@ import argparse
 import os
 from pathlib import Path
 
+from scripts.cards_args import add_card_args, cards_from_args, check_card_args
 from scripts.common import add_model_args, load_suite_from_args, write_json
 
 FILES_HELP = """files written in --out:
   graph.safetensors + graph_meta.json  the whole circuit, compact and exact: every kept node and edge, the
                                        shown masks, per-head parts, scores (read back with Circuit.load(DIR))
-  graph.html                           the explorer: one offline page, opens on the shown (pruned) view
+  graph.html                           the explorer: one offline page, opens on the shown (pruned) view, with a
+                                       card and a label for every feature node
   graph.json                           networkx node-link JSON, for networkx and graph tools
   graph.graphml                        GraphML, for Gephi, Cytoscape, igraph
   attribution_graph.json               circuit-tracer / Neuronpedia attribution-graph format
@@ -45,8 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-faithfulness", action="store_true", help="skip the ablation curve")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--dashboards", action="store_true",
-                   help="also write a dashboard with scorecard for every shown feature node (out/dashboards/) and link them from graph.html")
+                   help="also write a dashboard with scorecard for every shown feature node (out/dashboards/) and link them from their cards")
     p.add_argument("--out", type=Path, required=True, help="folder for the output files (created if missing)")
+    add_card_args(p)
     p.set_defaults(handler=run)
 
 
@@ -68,7 +71,7 @@ def check_out_dir(out: Path) -> None:
         raise ValueError(f"--out {out} cannot be created: {parent} is not writable; choose another --out")
 
 
-def write_page(circuit, path: Path, cards: dict | None = None, labels: dict | None = None) -> str:
+def write_page(circuit, path: Path, cards: dict | None = None, labels: dict | None = None, cards_note: str | None = None) -> str:
     """The explorer page when ``circuits.explorer`` is present, else the plotly page of the shown view."""
     try:
         from circuits.explorer import write_explorer
@@ -79,7 +82,7 @@ def write_page(circuit, path: Path, cards: dict | None = None, labels: dict | No
         return "plotly"
     from circuits.explorer_data import explorer_payload
 
-    write_explorer(explorer_payload(circuit, cards=cards, labels=labels), path)
+    write_explorer(explorer_payload(circuit, cards=cards, labels=labels, cards_note=cards_note), path)
     return "explorer"
 
 
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     check_out_dir(out)
     suite = load_suite_from_args(args)
+    check_card_args(args, suite)
     result = trace(suite, args.prompt, args.target, threshold=args.threshold, batch_size=args.batch_size,
                    faithfulness=not args.no_faithfulness, progress=not args.no_progress, prune=prune)
     circuit = result.circuit
@@ -103,8 +107,19 @@ def run(args: argparse.Namespace) -> int:
     full = args.full_exports
     write_node_link(circuit, out / "graph.json", full=full)
     write_graphml(circuit, out / "graph.graphml", full=full)
-    write_attribution_graph(circuit, out / "attribution_graph.json", full=full)
-    page = write_page(circuit, out / "graph.html")
+    links: dict[str, str] = {}
+    if args.dashboards:
+        from analysis.dashboards import write_circuit_dashboards
+
+        links = write_circuit_dashboards(suite, circuit.nodes(shown_only=True), out, progress=not args.no_progress)
+        print(f"wrote {len(set(links.values()))} feature dashboards in {out}/dashboards")
+    from analysis.cards import attach_dashboards
+    from scripts.cards_args import circuit_features
+
+    cards, labels, note = cards_from_args(args, suite, circuit_features(circuit.nodes()))
+    attach_dashboards(cards, links, out / "dashboards" if links else None)
+    write_attribution_graph(circuit, out / "attribution_graph.json", labels=labels, full=full)
+    page = write_page(circuit, out / "graph.html", cards=cards, labels=labels, cards_note=note)
     shown = circuit.node_shown
     summary = dict(
         model=circuit.model, prompt=circuit.prompt, target=circuit.target, target_value=circuit.target_value,
@@ -114,13 +129,13 @@ def run(args: argparse.Namespace) -> int:
         n_shown_nodes=int(shown.sum()), n_shown_edges=int(circuit.edge_shown.sum()), exports="full" if full else "shown",
         max_relative_residual=circuit.max_relative_residual, scores=circuit.scores, faithfulness=circuit.faithfulness,
     )
+    summary["cards"] = dict(n_cards=len(cards), note=note)
     if args.dashboards:
-        from analysis.dashboards import link_graph_page, write_circuit_dashboards
-
-        summary["dashboards"] = write_circuit_dashboards(suite, circuit.nodes(shown_only=True), out, progress=not args.no_progress)
+        summary["dashboards"] = links
         if page == "plotly":
-            link_graph_page(out / "graph.html", summary["dashboards"])
-        print(f"wrote {len(set(summary['dashboards'].values()))} feature dashboards in {out}/dashboards")
+            from analysis.dashboards import link_graph_page
+
+            link_graph_page(out / "graph.html", links)
     write_json(out / "summary.json", summary)
     shown_counts = circuit.counts(shown_only=True)
     print(f"target {circuit.target} = {circuit.target_value:.4g}   ({len(circuit.tokens)} tokens, threshold {circuit.threshold:g})")

@@ -224,6 +224,9 @@ def test_sites_name_every_node_kind_one_way():
     assert a.name == "attn3" and a.input_hook == a.output_hook == "blocks.3.attn.hook_z" and a.stage == 7
     assert sites.row_names(2) == ["embeddings", "attn0", "mlp0", "attn1", "mlp1", "target"]
     assert sites.row_of("target", 0, 2) == 5 and sites.row_of("embed", -1, 2) == 0
+    labels = {"mlp1:613": "by feature", "mlp1:613@7": "by node", "embed@2": "token"}
+    assert sites.label_for(labels, "mlp1:613@7") == "by node" and sites.label_for(labels, "mlp1:613@3") == "by feature"
+    assert sites.label_for(labels, "embed@2") == "token" and sites.label_for(labels, "mlp1.error@3") is None
     with pytest.raises(ValueError, match="not a node id"):
         sites.parse_node_id("mlp1:x@2")
     with pytest.raises(ValueError, match="not a dictionary name"):
@@ -321,6 +324,7 @@ def test_cli_trace_writes_every_file(tmp_path, capsys):
     assert g.number_of_nodes() == int(c.node_shown.sum()) == summary["n_shown_nodes"] < c.n_nodes == summary["n_nodes"]
     assert summary["pruning"] == {"node_threshold": 0.8, "edge_threshold": 0.98} and "shown_replacement" in summary["scores"]
     assert any(r["shown"] for r in summary["faithfulness"])
+    assert set(summary["cards"]) == {"n_cards", "note"}
     page = (out / "graph.html").read_text()
     assert "plotly" in page[:20000].lower() or 'id="circuit-data"' in page
     # an --out that cannot be made: one clear line before any work, nothing written

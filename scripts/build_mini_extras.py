@@ -1,6 +1,6 @@
 """Train the mini suite's optional extras: a skip transcoder at layer 1 and a cross-layer transcoder.
 
-    python -m scripts.build_mini_extras [--suite saes/mini] [--out saes/mini/extras] [--steps 400]
+    python -m scripts.build_mini_extras [--suite saes/mini] [--out saes/mini/extras] [--steps 600]
 
 1. Training rows: the training files of the corpus, tokenised as the suite was (``saes/corpus.py``).
 2. One seeded stream of batches (``BATCH_ROWS`` rows of 256 tokens); each step runs the suite's model once and
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", type=Path, default=None, help="the mini suite folder (default: the shipped one)")
     p.add_argument("--out", type=Path, default=None, help="where to write the extras (default: SUITE/extras)")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

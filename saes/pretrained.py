@@ -18,6 +18,15 @@ weights) and ``hook_mlp_out`` (centred) hold what the dictionaries expect. Loadi
    weights-only unpickler and an allow-list (the config classes become inert records; no code from the file
    runs; anything else in the file is refused), then converted to a sae-lens ``Transcoder``:
    ``b_enc' = b_enc - b_dec @ W_enc`` (the input-side ``b_dec``) and ``b_dec' = b_dec_out``.
+4. ``gpt2-small`` takes any subset of these 24 dictionaries (``dictionaries={"attn0", "mlp3", ...}``, or the groups
+   ``"attn"`` and ``"mlp"``); only the selected files are fetched.
+5. ``gpt2-small-clt``: a cross-layer transcoder over all 12 MLPs in circuit-tracer's layout (``config.yaml``,
+   ``W_enc_L`` / ``W_dec_L`` safetensors; ``saes/formats.py``), from ``GPT2_CLT_REPO`` by default or any repository
+   given. circuit-tracer runs GPT-2 without ``center_writing_weights``, so its CLTs write uncentred MLP outputs;
+   the decoders and ``b_dec`` are centred here (their mean over ``d_model`` removed), which is exactly what
+   TransformerLens does to ``W_out`` and ``b_out`` and changes nothing downstream (every reader of the residual
+   stream is a LayerNorm, which removes the mean). ``ln2.hook_normalized`` is the same under both processings.
+   Attention SAEs (``attn{L}``) can be added to it by name.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ KK_RELEASE = "gpt2-small-hook-z-kk"
 TRANSCODER_REPO = "pchlenski/gpt2-transcoders"
 TRANSCODER_FILE = "final_sparse_autoencoder_gpt2-small_blocks.{layer}.ln2.hook_normalized_24576.pt"
 GPT2_LAYERS = 12
+# The GPT-2 small CLT trained by circuit-tracer's authors (ReLU, 1B tokens), as EleutherAI hosts it.
+GPT2_CLT_REPO = "EleutherAI/gpt2-mntss-transcoder-clt-relu-sp10-1b"
 # The configuration classes that the transcoder files pickle. They are rebuilt as inert records.
 ALLOWED_CONFIG_CLASSES = (
     "sae_training.config.LanguageModelSAERunnerConfig",
@@ -158,13 +169,85 @@ def load_dunefsky_transcoder(layer: int, device: str | torch.device = "cpu"):
     return transcoder_from_state_dict(state, layer).to(device)
 
 
-def load_gpt2_small_suite(device: str | torch.device = "cpu", layers: list[int] | None = None):
-    """GPT-2 small with the attention SAE and the transcoder of every layer (or of ``layers``)."""
+def select_dictionaries(dictionaries, n_layers: int, allowed: tuple[str, ...] = ("attn", "mlp")) -> dict[str, list[int] | bool]:
+    """Names (``attn{L}``, ``mlp{L}``, the groups ``attn`` / ``mlp``, and ``clt`` where allowed) -> layers per kind.
+
+    Returns ``{"attn": [layers], "mlp": [layers], "clt": bool}``; a name this suite cannot give is refused, with the
+    names it can.
+    """
+    import re
+
+    picked: dict[str, set[int]] = {"attn": set(), "mlp": set()}
+    clt = False
+    names = [dictionaries] if isinstance(dictionaries, str) else list(dictionaries)
+    for name in names:
+        m = re.fullmatch(r"(attn|mlp)(\d+)?", str(name))
+        if name == "clt" and "clt" in allowed:
+            clt = True
+        elif m and m.group(1) in allowed:
+            layers = range(n_layers) if m.group(2) is None else [int(m.group(2))]
+            bad = [l for l in layers if not 0 <= l < n_layers]
+            if bad:
+                raise ValueError(f"dictionary {name!r}: this suite has layers 0..{n_layers - 1}")
+            picked[m.group(1)].update(layers)
+        else:
+            kinds = " ".join(f"{k}0..{k}{n_layers - 1}" if k != "clt" else "clt" for k in allowed)
+            raise ValueError(f"unknown dictionary {name!r}; this suite has {kinds} (and the groups "
+                             f"{', '.join(k for k in allowed if k != 'clt')})")
+    if not (picked["attn"] or picked["mlp"] or clt):
+        raise ValueError("no dictionaries selected; name at least one, e.g. mlp or attn0")
+    return {"attn": sorted(picked["attn"]), "mlp": sorted(picked["mlp"]), "clt": clt}
+
+
+def load_gpt2_small_suite(device: str | torch.device = "cpu", layers: list[int] | None = None,
+                          dictionaries=None):
+    """GPT-2 small with the attention SAE and the transcoder of every layer (or of ``layers``), or with the
+    ``dictionaries`` named (``{"attn0", "mlp3"}``, ``{"mlp"}``: see :func:`select_dictionaries`)."""
     from saes.suite import Suite
 
     layers = list(range(GPT2_LAYERS)) if layers is None else layers
+    for l in layers:
+        _check_layer(l)
+    if dictionaries is None:
+        pick = {"attn": layers, "mlp": layers}
+    else:
+        pick = select_dictionaries(dictionaries, GPT2_LAYERS)
     model = load_gpt2_small(device)
-    attn = {l: load_kk_attn_sae(l, device) for l in layers}
-    mlp = {l: load_dunefsky_transcoder(l, device) for l in layers}
+    attn = {l: load_kk_attn_sae(l, device) for l in pick["attn"]}
+    mlp = {l: load_dunefsky_transcoder(l, device) for l in pick["mlp"]}
     return Suite(name="gpt2-small", model=model, attn_saes=attn, transcoders=mlp,
-                 info={"processing": GPT2_PROCESSING, "attn_release": KK_RELEASE, "transcoder_repo": TRANSCODER_REPO})
+                 info={"processing": GPT2_PROCESSING, "attn_release": KK_RELEASE, "transcoder_repo": TRANSCODER_REPO,
+                       "dictionaries": [*(f"attn{l}" for l in attn), *(f"mlp{l}" for l in mlp)]})
+
+
+def center_clt_writes(clt):
+    """Remove each CLT decoder vector's (and ``b_dec``'s) mean over ``d_model``: ``center_writing_weights`` for a CLT."""
+    with torch.no_grad():
+        for w in clt.W_dec:
+            w.sub_(w.mean(-1, keepdim=True))
+        clt.b_dec.sub_(clt.b_dec.mean(-1, keepdim=True))
+    return clt
+
+
+def load_gpt2_small_clt(device: str | torch.device = "cpu", repo: str = GPT2_CLT_REPO):
+    """A GPT-2 small cross-layer transcoder in circuit-tracer's layout (hub reference or folder), writes centred."""
+    from saes.formats import load_clt
+
+    clt = load_clt(repo, model_name="gpt2-small")
+    if clt.n_layers != GPT2_LAYERS:
+        raise ValueError(f"{repo}: the CLT spans {clt.n_layers} layers; GPT-2 small has {GPT2_LAYERS}")
+    return center_clt_writes(clt).to(device)
+
+
+def load_gpt2_small_clt_suite(device: str | torch.device = "cpu", dictionaries=None, repo: str = GPT2_CLT_REPO):
+    """GPT-2 small with a cross-layer transcoder (``repo``) and, if named in ``dictionaries``, Kissane et al.'s
+    attention SAEs (``{"clt", "attn"}``, ``{"clt", "attn5"}``); by default the CLT alone."""
+    from saes.suite import Suite
+
+    pick = select_dictionaries(dictionaries or {"clt"}, GPT2_LAYERS, allowed=("attn", "clt"))
+    clt = load_gpt2_small_clt(device, repo) if pick["clt"] else None
+    model = load_gpt2_small(device)
+    attn = {l: load_kk_attn_sae(l, device) for l in pick["attn"]}
+    return Suite(name="gpt2-small-clt", model=model, attn_saes=attn, transcoders={}, clt=clt,
+                 info={"processing": GPT2_PROCESSING, "attn_release": KK_RELEASE, "clt_repo": repo if clt else None,
+                       "dictionaries": [*(f"attn{l}" for l in attn), *(["clt"] if clt else [])]})

@@ -23,7 +23,13 @@ from saes.dictionary import spec_of
 log = logging.getLogger(__name__)
 
 MINI_DIR = Path(__file__).resolve().parent / "mini"
-KNOWN_SUITES = ("mini", "gpt2-small")
+KNOWN_SUITES = ("mini", "gpt2-small", "mini-skip", "mini-clt", "gpt2-small-clt")
+# Named suites beyond the two above: name -> "module:function(device=..., path=...)".
+NAMED_SUITES = {
+    "mini-skip": "saes.mini_suite:load_mini_skip",
+    "mini-clt": "saes.mini_suite:load_mini_clt",
+    "gpt2-small-clt": "saes.pretrained:load_gpt2_small_clt_suite",
+}
 
 
 @dataclass
@@ -158,6 +164,12 @@ def load_suite(name: str, device: str | torch.device = "cpu", path: Path | None 
         from saes.pretrained import load_gpt2_small_suite
 
         return load_gpt2_small_suite(device=device)
+    if name in NAMED_SUITES:
+        import importlib
+
+        module, func = NAMED_SUITES[name].split(":")
+        loader = getattr(importlib.import_module(module), func)
+        return loader(device=device) if name.startswith("gpt2") else loader(path or MINI_DIR, device=device)
     if path is not None and Path(path).is_dir():
         from saes.mini_suite import load_mini
 

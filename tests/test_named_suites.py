@@ -178,3 +178,92 @@ def test_gpt2_small_clt_through_a_hub_cache(tmp_path):
         torch.testing.assert_close(y["out"][l], centred, rtol=1e-5, atol=1e-4)
     assert "HOOKS blocks.3.ln2.hook_normalized blocks.3.hook_mlp_out gpt2-small" in proc.stdout
     assert "REFUSED: could not get fake-org/a-repo-never-cached from the Hugging Face hub" in proc.stdout
+
+
+# --- sae-lens's registry ------------------------------------------------------------------------------
+REGISTRY_SCRIPT = r"""
+import json, sys, torch
+from safetensors.torch import load_file
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from saes.registry import load_sae_lens_dictionary
+from saes.dictionary import encode, reconstruct, spec_of
+from saes.suite import check_fits, flatten_z
+torch.manual_seed(0)
+model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=40,
+                                                  n_ctx=12, act_fn="gelu", normalization_type="LNPre"))
+_, cache = model.run_with_cache(torch.randint(0, 40, (1, 9)))
+cache_dir = sys.argv[1]
+out = {}
+sae = load_sae_lens_dictionary("fake-org/attn-saes", "blocks.1.hook_attn_out", model)
+check_fits(model, sae)
+f = load_file(sys.argv[2])
+a, z = cache["blocks.1.hook_attn_out"][0], flatten_z(cache["blocks.1.attn.hook_z"][0])
+acts = torch.relu((a - f["b_dec"]) @ f["W_enc"] + f["b_enc"])   # sae-lens's formula on attn_out (apply_b_dec_to_input)
+recon = acts @ f["W_dec"] + f["b_dec"]
+W_O = model.blocks[1].attn.W_O.reshape(16, 16)
+out["spec"] = [spec_of(sae).hook_in, spec_of(sae).hook_out, spec_of(sae).d_in]
+out["acts"] = float((encode(sae, z) - acts).abs().max() / acts.abs().max())
+out["recon"] = float((reconstruct(sae, z) @ W_O + model.blocks[1].attn.b_O - recon).abs().max() / recon.abs().max())
+out["error"] = float(((z - reconstruct(sae, z)) @ W_O - (a - recon)).abs().max() / (a - recon).abs().max())
+tc = load_sae_lens_dictionary("fake-org/attn-saes", "blocks.0.transcoder")
+out["tc"] = [spec_of(tc).kind, spec_of(tc).hook_in, spec_of(tc).hook_out]
+for sae_id in ("blocks.0.hook_resid_pre", "missing"):
+    try:
+        load_sae_lens_dictionary("fake-org/attn-saes", sae_id, model)
+    except ValueError as e:
+        out[sae_id] = str(e)
+try:
+    load_sae_lens_dictionary("fake-org/attn-saes", "blocks.0.hook_attn_out")
+except ValueError as e:
+    out["no model"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def _sae_lens_folder(folder: Path, spec: DictionarySpec, seed: int, apply_b_dec_to_input: bool = False):
+    from saes.io import save_dictionary
+
+    sae = build_dictionary(spec, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_dictionary(sae, folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["apply_b_dec_to_input"] = apply_b_dec_to_input
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+
+
+def test_sae_lens_dictionaries_are_placed_or_refused(tmp_path):
+    repo = tmp_path / "repo"
+    attn_out = DictionarySpec("sae", 1, 16, 24, 16, "blocks.1.hook_attn_out", "blocks.1.hook_attn_out")
+    _sae_lens_folder(repo / "blocks.1.hook_attn_out", attn_out, seed=1, apply_b_dec_to_input=True)
+    _sae_lens_folder(repo / "blocks.0.hook_attn_out", DictionarySpec("sae", 0, 16, 24, 16, "blocks.0.hook_attn_out",
+                                                                     "blocks.0.hook_attn_out"), seed=4)
+    _sae_lens_folder(repo / "blocks.0.transcoder", DictionarySpec.transcoder(0, 16, 20), seed=2)
+    resid = DictionarySpec("sae", 0, 16, 24, 16, "blocks.0.hook_resid_pre", "blocks.0.hook_resid_pre")
+    _sae_lens_folder(repo / "blocks.0.hook_resid_pre", resid, seed=3)
+    (repo / "blocks.0.hook_resid_pre" / "sae_weights.safetensors").unlink()  # refused before any weights are read
+    hub = tmp_path / "hub"
+    commit = "2" * 40
+    base = hub / "models--fake-org--attn-saes"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    for f in repo.rglob("*"):
+        if f.is_file():
+            dst = base / "snapshots" / commit / f.relative_to(repo)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(f.read_bytes())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "HF_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", REGISTRY_SCRIPT, str(hub),
+                           str(repo / "blocks.1.hook_attn_out" / "sae_weights.safetensors")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["spec"] == ["blocks.1.attn.hook_z", "blocks.1.attn.hook_z", 16]
+    assert out["acts"] < 1e-4 and out["recon"] < 1e-4 and out["error"] < 1e-3, out
+    assert out["tc"] == ["transcoder", "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"]
+    assert "reads 'blocks.0.hook_resid_pre'; only what fits here" in out["blocks.0.hook_resid_pre"]
+    assert "could not get sae-lens 'fake-org/attn-saes' / 'missing'" in out["missing"]
+    assert "pass the model" in out["no model"]

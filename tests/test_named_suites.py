@@ -216,6 +216,10 @@ try:
     load_sae_lens_dictionary("fake-org/attn-saes", "blocks.0.hook_attn_out")
 except ValueError as e:
     out["no model"] = str(e)
+kk = load_sae_lens_dictionary("gpt2-small-hook-z-kk", "blocks.3.hook_z")  # a release of the registry itself
+x, kk_sd = torch.load(sys.argv[3], weights_only=True)
+want = torch.relu((x - kk_sd["b_dec"]) @ kk_sd["W_enc"] + kk_sd["b_enc"]) @ kk_sd["W_dec"] + kk_sd["b_dec"]
+out["kk"] = [spec_of(kk).hook_in, spec_of(kk).kind, float((reconstruct(kk, x) - want).abs().max())]
 print(json.dumps(out))
 """
 
@@ -254,10 +258,17 @@ def test_sae_lens_dictionaries_are_placed_or_refused(tmp_path):
             dst = base / "snapshots" / commit / f.relative_to(repo)
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(f.read_bytes())
+    from tests.test_pretrained import _put_in_hub_cache, write_kk_files
+
+    kk_name, kk_sd = write_kk_files(tmp_path / "kk", layer=3, d_sae=32)
+    kk_cfg = kk_name.split(".pt")[0] + "_cfg.json"
+    _put_in_hub_cache(hub, "ckkissane/attn-saes-gpt2-small-all-layers",
+                      {kk_name: tmp_path / "kk" / kk_name, kk_cfg: tmp_path / "kk" / kk_cfg})
+    torch.save((torch.randn(5, 768), kk_sd), tmp_path / "kk.pt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "HF_HOME": str(tmp_path / "home"),
            "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", REGISTRY_SCRIPT, str(hub),
-                           str(repo / "blocks.1.hook_attn_out" / "sae_weights.safetensors")],
+                           str(repo / "blocks.1.hook_attn_out" / "sae_weights.safetensors"), str(tmp_path / "kk.pt")],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -267,3 +278,4 @@ def test_sae_lens_dictionaries_are_placed_or_refused(tmp_path):
     assert "reads 'blocks.0.hook_resid_pre'; only what fits here" in out["blocks.0.hook_resid_pre"]
     assert "could not get sae-lens 'fake-org/attn-saes' / 'missing'" in out["missing"]
     assert "pass the model" in out["no model"]
+    assert out["kk"][:2] == ["blocks.3.attn.hook_z", "attn_sae"] and out["kk"][2] < 1e-4

@@ -30,7 +30,8 @@ of per-layer files (local paths or ``hf://org/repo/file`` URIs). Reading a set:
    ``.npz``: pickles are never opened) and gaps in the layers are refused with the file and the fix named.
 
 The writers (``save_transcoder_set``, ``save_clt``) produce the same layout, which circuit-tracer's
-``load_transcoder_set`` / ``load_clt`` read.
+``load_transcoder_set`` / ``load_clt`` read (a TopK set needs its config-driven loader, which passes ``activation``
+and ``k``; circuit-tracer 0.5's ``load_transcoder_set`` reads ReLU and JumpReLU sets).
 """
 
 from __future__ import annotations
@@ -304,24 +305,27 @@ def save_transcoder_set(transcoders: dict[int, Any], directory: Path, model_name
     if sorted(transcoders) != list(range(len(transcoders))):
         raise ValueError(f"a circuit-tracer set needs transcoders for layers 0..n-1 without gaps, got {sorted(transcoders)}")
     specs = {l: spec_of(tc) for l, tc in transcoders.items()}
-    acts = {(s.activation, s.k if s.activation == "topk" else None, s.topk_relu) for s in specs.values()}
-    if len(acts) != 1:
-        raise ValueError(f"circuit-tracer applies one activation to the whole set; these transcoders have {sorted(acts, key=str)}")
-    activation, k, topk_relu = acts.pop()
-    if activation == "topk" and topk_relu:
+    topk = {(s.k, s.topk_relu) for s in specs.values() if s.activation == "topk"}
+    if topk and (len(topk) > 1 or len(topk) < 1 or any(s.activation != "topk" for s in specs.values())):
+        raise ValueError(f"circuit-tracer's TopK is one k for the whole set; these transcoders mix "
+                         f"{sorted({(s.activation, s.k) for s in specs.values()}, key=str)}")
+    k, topk_relu = next(iter(topk)) if topk else (None, False)
+    if topk and topk_relu:
         raise ValueError("these TopK transcoders clamp negative kept activations (topk_relu=True); circuit-tracer's TopK "
                          "keeps them, so the files would compute something else")
     for l, tc in transcoders.items():
+        if specs[l].activation == "jumprelu" and (tc.threshold < 0).any():
+            raise ValueError(f"layer {l}: negative JumpReLU thresholds; circuit-tracer's pre * (pre > t) would differ")
         state = {"W_enc": tc.W_enc.T, "W_dec": tc.W_dec, "b_enc": tc.b_enc, "b_dec": tc.b_dec}
         if getattr(tc, "W_skip", None) is not None:
             state["W_skip"] = tc.W_skip
-        if activation == "jumprelu":
+        if specs[l].activation == "jumprelu":  # per file: circuit-tracer reads a threshold as JumpReLU, none as ReLU
             state["activation_function.threshold"] = tc.threshold
         atomic_save_tensors({k_: v.detach().float() for k_, v in state.items()}, directory / f"layer_{l}.safetensors")
     lines = ["model_kind: transcoder_set", "feature_input_hook: ln2.hook_normalized", "feature_output_hook: hook_mlp_out"]
     if model_name:
         lines.append(f"model_name: {model_name}")
-    if activation == "topk":
+    if topk:
         lines += ["activation: topk", f"k: {k}"]
     atomic_write_text(directory / CONFIG, "\n".join(lines) + "\n")
     return directory

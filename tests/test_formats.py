@@ -330,3 +330,18 @@ def test_circuit_tracer_reads_our_files_and_agrees(tmp_path):
     theirs_out = their_clt(xs)
     for t, got in enumerate(clt(list(xs))):
         torch.testing.assert_close(got, theirs_out[t], rtol=1e-5, atol=1e-4)
+
+
+def test_writer_keeps_per_layer_activations_and_refuses_what_circuit_tracer_cannot_express(tmp_path):
+    from saes.dictionary import DictionarySpec, build_dictionary
+
+    mixed = {0: load_transcoder_set(write_set(tmp_path / "j", [plt_tensors(threshold=True)]))[0],
+             1: load_transcoder_set(write_set(tmp_path / "r", [plt_tensors(seed=1)]))[0]}
+    again = load_transcoder_set(save_transcoder_set(mixed, tmp_path / "mixed"))
+    assert [spec_of(again[l]).activation for l in (0, 1)] == ["jumprelu", "relu"]
+    relu_topk = {0: build_dictionary(DictionarySpec.transcoder(0, 8, 12, activation="topk", k=3))}
+    with pytest.raises(ValueError, match="topk_relu=True"):
+        save_transcoder_set(relu_topk, tmp_path / "t")
+    with pytest.raises(ValueError, match="one k for the whole set"):
+        save_transcoder_set({**mixed, 2: build_dictionary(DictionarySpec.transcoder(2, 8, 12, activation="topk", k=3,
+                                                                                   topk_relu=False))}, tmp_path / "u")

@@ -286,6 +286,7 @@ except ValueError as e:
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing sae-lens; the CLT hub path runs in the default tier (test_named_suites)
 def test_hub_references_load_offline_from_the_cache(tmp_path):
     layers = [plt_tensors(skip=True, seed=s) for s in range(2)]
     put_in_hub_cache(tmp_path / "hub", "fake-org/fake-transcoders", write_set(tmp_path / "plt", layers), "skip-set")

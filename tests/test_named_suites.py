@@ -238,6 +238,42 @@ def _sae_lens_folder(folder: Path, spec: DictionarySpec, seed: int, apply_b_dec_
     (folder / "cfg.json").write_text(json.dumps(cfg))
 
 
+def test_attn_out_sae_folds_onto_hook_z_in_process(one_torch_thread):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from saes.registry import attn_out_to_hook_z, placement
+    from saes.suite import flatten_z
+
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=12, n_heads=4, d_head=4, d_mlp=16, d_vocab=30,
+                                                      n_ctx=8, act_fn="gelu", normalization_type="LNPre"))
+    spec = DictionarySpec("sae", 0, 12, 20, 12, "blocks.0.hook_attn_out", "blocks.0.hook_attn_out", activation="topk", k=5)
+    sae = build_dictionary(spec, seed=1)
+    with torch.no_grad():
+        sae.b_enc.normal_(), sae.b_dec.normal_()
+    _, cache = model.run_with_cache(torch.randint(0, 30, (1, 7)))
+    a, z = cache["blocks.0.hook_attn_out"][0], flatten_z(cache["blocks.0.attn.hook_z"][0])
+    zsae = attn_out_to_hook_z(sae, model, 0)  # n_heads * d_head = 16 > d_model = 12: W_O has full column rank
+    W_O, b_O = model.blocks[0].attn.W_O.reshape(16, 12), model.blocks[0].attn.b_O
+    from saes.dictionary import encode
+
+    torch.testing.assert_close(encode(zsae, z), encode(sae, a), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(reconstruct(zsae, z) @ W_O + b_O, reconstruct(sae, a), rtol=1e-4, atol=1e-4)
+    assert spec_of(zsae).hook_in == "blocks.0.attn.hook_z"
+    with torch.no_grad():
+        model.blocks[0].attn.W_O[:, :, 6:] = 0  # rank 6 < d_model: the decoder cannot be carried back
+    with pytest.raises(ValueError, match="cannot carry the decoder back to hook_z"):
+        attn_out_to_hook_z(sae, model, 0)
+    assert placement({"metadata": {"hook_name": "blocks.2.hook_z"}}) == ("attn_z", 2)
+    with pytest.raises(ValueError, match="reads 'blocks.2.hook_mlp_out'"):
+        placement({"metadata": {"hook_name": "blocks.2.hook_mlp_out"}})
+    with pytest.raises(ValueError, match="normalize_activations"):
+        placement({"metadata": {"hook_name": "blocks.2.hook_z"}, "normalize_activations": "expected_average_only_in"})
+    with pytest.raises(ValueError, match="architecture 'gated'"):
+        placement({"metadata": {"hook_name": "blocks.2.hook_z"}, "architecture": "gated"})
+
+
+@pytest.mark.slow  # a fresh interpreter importing sae-lens and TransformerLens
 def test_sae_lens_dictionaries_are_placed_or_refused(tmp_path):
     repo = tmp_path / "repo"
     attn_out = DictionarySpec("sae", 1, 16, 24, 16, "blocks.1.hook_attn_out", "blocks.1.hook_attn_out")

@@ -418,3 +418,23 @@ def save_clt(clt: CrossLayerTranscoder, directory: Path) -> Path:
         lines.append(f"model_name: {c.model_name}")
     atomic_write_text(directory / CONFIG, "\n".join(lines) + "\n")
     return directory
+
+
+def suite_with_set(suite, source: str | Path, name: str | None = None, keep_attention: bool = True):
+    """``suite``'s model (and attention SAEs) with a circuit-tracer set in place of its MLP dictionaries.
+
+    A ``transcoder_set`` replaces the per-layer transcoders; a ``cross_layer_transcoder`` becomes the suite's CLT
+    (and the per-layer transcoders go). The set's shapes are checked against the model (``Suite``).
+    """
+    from saes.suite import Suite
+
+    folder = fetch(source)
+    kind = read_config(folder / CONFIG).model_kind
+    model_name = suite.model.cfg.model_name
+    attn = dict(suite.attn_saes) if keep_attention else {}
+    info = {**suite.info, "circuit_tracer_set": str(source)}
+    if kind == "transcoder_set":
+        tcs = load_transcoder_set(folder, device=suite.device, model_name=model_name)
+        return Suite(name or f"{suite.name}+set", suite.model, attn, tcs, info=info)
+    clt = load_clt(folder, device=suite.device, model_name=model_name)
+    return Suite(name or f"{suite.name}+clt", suite.model, attn, {}, info=info, clt=clt)

@@ -315,3 +315,22 @@ def test_sae_lens_dictionaries_are_placed_or_refused(tmp_path):
     assert "could not get sae-lens 'fake-org/attn-saes' / 'missing'" in out["missing"]
     assert "pass the model" in out["no model"]
     assert out["kk"][:2] == ["blocks.3.attn.hook_z", "attn_sae"] and out["kk"][2] < 1e-4
+
+
+def test_a_circuit_tracer_set_joins_the_mini_model(tmp_path):
+    from saes.formats import suite_with_set
+    from tests.test_formats import plt_tensors, write_set
+
+    mini = load_suite("mini")
+    folder = write_set(tmp_path / "set", [plt_tensors(d_model=128, d_sae=8, skip=True, seed=s) for s in range(4)])
+    s = suite_with_set(mini, folder)
+    assert sorted(s.transcoders) == [0, 1, 2, 3] and sorted(s.attn_saes) == [0, 1, 2, 3] and s.clt is None
+    assert all(spec_of(t).skip for t in s.transcoders.values())
+    enc, dec = clt_tensors(n_layers=4, d_model=128, d_sae=5)
+    c = suite_with_set(mini, write_clt(tmp_path / "clt", enc, dec), keep_attention=False)
+    assert c.clt.n_layers == 4 and c.transcoders == {} and c.attn_saes == {}
+    with pytest.raises(ValueError, match="spans 3 layers but 'mini' has 4"):
+        enc, dec = clt_tensors(n_layers=3, d_model=128, d_sae=5)
+        suite_with_set(mini, write_clt(tmp_path / "clt3", enc, dec))
+    with pytest.raises(ValueError, match="width is 16 but 'mini' has width 128"):
+        suite_with_set(mini, write_set(tmp_path / "narrow", [plt_tensors(d_model=16) for _ in range(4)]))

@@ -7,6 +7,13 @@ at load time, see ``saes/pretrained.py``):
     acts = relu(pre)                         or relu of the top k of ``pre`` (TopK),
                                              or relu(pre) * (pre > threshold) (JumpReLU)
     out  = acts @ W_dec + b_dec              W_dec: [d_sae, d_out]
+         + x_in @ W_skip.T                   W_skip: [d_out, d_in], skip transcoders only (sae-lens's
+                                             ``SkipTranscoder``; a linear path from the input, not a feature)
+
+TopK comes in two flavours, recorded in the config as ``topk_relu``: ``True`` (sae-lens's TopK and every
+dictionary trained here) clamps a kept pre-activation that is negative to 0; ``False`` (circuit-tracer's
+``TopK``, kept for transcoders loaded from its files) keeps the k largest pre-activations as they are, negative
+ones included. ``activate`` and the sae-lens module's own forward follow the flag.
 
 A JumpReLU dictionary built here is trained as a BatchTopK dictionary (Bussmann et al. 2024: the top
 ``k * batch`` activations of a whole batch are kept, so a token uses as many features as it needs and ``k`` is
@@ -57,6 +64,8 @@ class DictionarySpec:
     activation: Activation = "relu"
     k: int | None = None
     model_name: str = ""
+    skip: bool = False
+    topk_relu: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -71,6 +80,10 @@ class DictionarySpec:
             raise ValueError(f"a JumpReLU dictionary's BatchTopK target needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
         if self.activation == "relu" and self.k is not None:
             raise ValueError("k is only meaningful for activation='topk' or 'jumprelu'; leave it None for 'relu'")
+        if self.skip and self.kind != "transcoder":
+            raise ValueError("only a transcoder can have a skip connection (W_skip); set skip=False")
+        if not self.topk_relu and self.activation != "topk":
+            raise ValueError("topk_relu=False only applies to activation='topk'")
         if self.kind != "transcoder" and (self.hook_in != self.hook_out or self.d_in != self.d_out):
             raise ValueError(f"an SAE reads and writes one hook with one width; got {self.hook_in}->{self.hook_out}")
 
@@ -89,44 +102,70 @@ class DictionarySpec:
         return cls("transcoder", layer, d_model, d_sae, d_model, hook_in, hook_out, **kw)
 
 
-def _topk_transcoder_classes():
-    """A TopK transcoder for sae-lens, which ships ReLU/JumpReLU transcoders only; registered on first use."""
-    from sae_lens import Transcoder, TranscoderConfig
+class _KeepTopK(torch.nn.Module):
+    """circuit-tracer's TopK: the k largest pre-activations kept as they are (negative ones too), the rest 0."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: Tensor) -> Tensor:
+        vals, idx = x.topk(self.k, dim=-1)
+        return torch.zeros_like(x).scatter(-1, idx, vals)
+
+
+def _topk_transcoder_classes(skip: bool = False):
+    """TopK transcoders for sae-lens, which ships ReLU/JumpReLU transcoders only; registered on first use.
+
+    ``topk_transcoder`` and ``topk_skip_transcoder`` (with sae-lens's ``W_skip``), each with ``k`` and
+    ``topk_relu`` in the config (``True`` when absent, as in files written before the flag existed).
+    """
+    from sae_lens import SkipTranscoder, Transcoder, TranscoderConfig
     from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
     from sae_lens.saes.topk_sae import TopK
 
-    if "topk_transcoder" in SAE_CLASS_REGISTRY:
-        return SAE_CLASS_REGISTRY["topk_transcoder"]
+    arch = "topk_skip_transcoder" if skip else "topk_transcoder"
+    if arch in SAE_CLASS_REGISTRY:
+        return SAE_CLASS_REGISTRY[arch]
 
     @dataclass
     class TopKTranscoderConfig(TranscoderConfig):
         k: int = 32
+        topk_relu: bool = True
 
         @classmethod
         def architecture(cls) -> str:
-            return "topk_transcoder"
+            return arch
 
         def to_dict(self) -> dict[str, Any]:
             res = super().to_dict()
-            res["k"] = self.k
+            res["k"], res["topk_relu"] = self.k, self.topk_relu
             return res
 
-    class TopKTranscoder(Transcoder):
+    base = SkipTranscoder if skip else Transcoder
+
+    class TopKTranscoder(base):  # type: ignore[misc, valid-type]
         def get_activation_fn(self):
-            return TopK(self.cfg.k)
+            return TopK(self.cfg.k) if self.cfg.topk_relu else _KeepTopK(self.cfg.k)
 
         @classmethod
-        def from_dict(cls, config_dict: dict[str, Any]) -> "TopKTranscoder":
+        def from_dict(cls, config_dict: dict[str, Any]):
             return cls(TopKTranscoderConfig.from_dict(config_dict))
 
-    register_sae_class("topk_transcoder", TopKTranscoder, TopKTranscoderConfig)
+    TopKTranscoderConfig.__name__ = TopKTranscoderConfig.__qualname__ = "TopKSkipTranscoderConfig" if skip else "TopKTranscoderConfig"
+    TopKTranscoder.__name__ = TopKTranscoder.__qualname__ = "TopKSkipTranscoder" if skip else "TopKTranscoder"
+    register_sae_class(arch, TopKTranscoder, TopKTranscoderConfig)
     return TopKTranscoder, TopKTranscoderConfig
 
 
-def sae_classes(kind: str, activation: str):
-    """The sae-lens (class, config class) for a kind and activation."""
+def sae_classes(kind: str, activation: str, skip: bool = False):
+    """The sae-lens (class, config class) for a kind and activation (and, for transcoders, a skip connection)."""
     import sae_lens
 
+    if kind == "transcoder" and skip:
+        return {"relu": (sae_lens.SkipTranscoder, sae_lens.SkipTranscoderConfig),
+                "jumprelu": (sae_lens.JumpReLUSkipTranscoder, sae_lens.JumpReLUSkipTranscoderConfig)}.get(activation) \
+            or _topk_transcoder_classes(skip=True)
     if kind == "transcoder":
         return {"relu": (sae_lens.Transcoder, sae_lens.TranscoderConfig),
                 "jumprelu": (sae_lens.JumpReLUTranscoder, sae_lens.JumpReLUTranscoderConfig)}.get(activation) or _topk_transcoder_classes()
@@ -138,13 +177,15 @@ def build_dictionary(spec: DictionarySpec, seed: int = 0, dtype: torch.dtype = t
     """A new sae-lens dictionary for ``spec``: decoder rows of unit norm, encoder its transpose, biases 0."""
     from sae_lens.saes.sae import SAEMetadata
 
-    sae_cls, cfg_cls = sae_classes(spec.kind, spec.activation)
+    sae_cls, cfg_cls = sae_classes(spec.kind, spec.activation, spec.skip)
     kw: dict[str, Any] = dict(d_in=spec.d_in, d_sae=spec.d_sae, dtype=str(dtype).removeprefix("torch."), device=str(device))
     kw["apply_b_dec_to_input"] = False
     if spec.kind == "transcoder":
         kw["d_out"] = spec.d_out
     if spec.activation == "topk":
         kw["k"] = spec.k
+        if spec.kind == "transcoder":
+            kw["topk_relu"] = spec.topk_relu
     if spec.activation == "jumprelu" and spec.k is not None:
         metadata["batch_topk_k"] = spec.k
     meta = dict(
@@ -168,11 +209,14 @@ def build_dictionary(spec: DictionarySpec, seed: int = 0, dtype: torch.dtype = t
         if spec.activation == "jumprelu":
             sae.threshold.zero_()  # set by training (saes/train.py)
             sae.threshold.requires_grad_(False)
+        if spec.skip:
+            sae.W_skip.zero_()
     return sae.to(device)
 
 
 ARCHITECTURES = {"standard": "relu", "transcoder": "relu", "topk": "topk", "topk_transcoder": "topk",
-                 "jumprelu": "jumprelu", "jumprelu_transcoder": "jumprelu"}  # sae-lens architecture -> activation
+                 "jumprelu": "jumprelu", "jumprelu_transcoder": "jumprelu", "skip_transcoder": "relu",
+                 "topk_skip_transcoder": "topk", "jumprelu_skip_transcoder": "jumprelu"}  # sae-lens architecture -> activation
 
 
 def spec_of(sae) -> DictionarySpec:
@@ -197,6 +241,8 @@ def spec_of(sae) -> DictionarySpec:
         hook_in=hook_in, hook_out=hook_out, activation=activation,
         k=getattr(cfg, "k", None) if activation == "topk" else meta.get("batch_topk_k") if activation == "jumprelu" else None,
         model_name=meta.get("model_name") or "",
+        skip=getattr(sae, "W_skip", None) is not None,
+        topk_relu=bool(getattr(cfg, "topk_relu", True)) if activation == "topk" else True,
     )
 
 
@@ -224,7 +270,7 @@ def activate(sae, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]
     if k is None:
         return torch.relu(pre)
     vals, idx = pre.topk(k, dim=-1)
-    return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    return torch.zeros_like(pre).scatter(-1, idx, vals.relu() if getattr(sae.cfg, "topk_relu", True) else vals)
 
 
 def encode(sae, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
@@ -235,5 +281,14 @@ def decode(sae, acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_out"]:
     return acts @ sae.W_dec + sae.b_dec
 
 
+def skip_term(sae, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"] | None:
+    """A skip transcoder's linear path ``x @ W_skip.T``; None for a dictionary without one."""
+    w_skip = getattr(sae, "W_skip", None)
+    return None if w_skip is None else x.to(w_skip.dtype) @ w_skip.T
+
+
 def reconstruct(sae, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
-    return decode(sae, encode(sae, x))
+    """The dictionary's output: ``decode(encode(x))``, plus the skip path where there is one."""
+    out = decode(sae, encode(sae, x))
+    skip = skip_term(sae, x)
+    return out if skip is None else out + skip

@@ -126,8 +126,8 @@ def load_dictionary(directory: Path, device: str | torch.device = "cpu", dtype: 
     directory = Path(directory)
     cfg = read_json(directory / SAE_CFG)
     arch = cfg.get("architecture")
-    if arch == "topk_transcoder":
-        _topk_transcoder_classes()
+    if arch in ("topk_transcoder", "topk_skip_transcoder"):
+        _topk_transcoder_classes(skip=arch == "topk_skip_transcoder")
     if arch not in SAE_CLASS_REGISTRY:
         raise ValueError(f"{directory / SAE_CFG}: unknown dictionary architecture {arch!r}; known: {sorted(SAE_CLASS_REGISTRY)}")
     sae_cls, cfg_cls = SAE_CLASS_REGISTRY[arch]

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from saes.dictionary import encode, decode, spec_of
+from saes.dictionary import decode, encode, reconstruct, skip_term, spec_of
 
 
 @dataclass
@@ -61,7 +61,7 @@ def spliced(model, sae) -> Iterator[None]:
     def write_out(act, hook):
         x = stash.pop("x") if spec.hook_in != spec.hook_out else act
         flat = x.flatten(-2) if spec.hook_in.endswith("hook_z") else x
-        return decode(sae, encode(sae, flat)).reshape(act.shape).to(act.dtype)
+        return reconstruct(sae, flat).reshape(act.shape).to(act.dtype)  # with a skip transcoder's W_skip path
 
     hooks = [(spec.hook_out, write_out)]
     if spec.hook_in != spec.hook_out:
@@ -109,11 +109,14 @@ def evaluate_dictionaries(suite, rows: Tensor, batch_size: int = 16, ce_rows: in
             x_out = cache[spec.hook_out].reshape(-1, spec.d_out).to(sae.W_enc.dtype).double()
             acts = encode(sae, x_in)
             recon = decode(sae, acts).double()
+            skip = skip_term(sae, x_in)
+            if skip is not None:
+                recon = recon + skip.double()
             sq_err[n] += float((x_out - recon).pow(2).sum())
             s = x_out.sum(0)
             sums[n] = s if sums[n] is None else sums[n] + s
             sumsq[n] += float(x_out.pow(2).sum())
-            active = acts > 0
+            active = acts != 0  # circuit-tracer's TopK keeps negative activations
             l0[n] += float(active.sum())
             fired[n] |= active.any(0)
     ce = {n: {} for n in dicts}

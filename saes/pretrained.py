@@ -21,6 +21,15 @@ weights) and ``hook_mlp_out`` (centred) hold what the dictionaries expect. Loadi
 4. Offline (``HF_HUB_OFFLINE=1``), the suite loader first checks that every file above is in the Hugging Face
    cache and names what is missing, with the ``huggingface-cli download`` lines that fetch it
    (:func:`download_commands`); online, a hub that cannot be reached gives the same advice.
+5. ``gpt2-small`` takes any subset of these 24 dictionaries (``dictionaries={"attn0", "mlp3", ...}``, or the groups
+   ``"attn"`` and ``"mlp"``); only the selected files are fetched.
+6. ``gpt2-small-clt``: a cross-layer transcoder over all 12 MLPs in circuit-tracer's layout (``config.yaml``,
+   ``W_enc_L`` / ``W_dec_L`` safetensors; ``saes/formats.py``), from ``GPT2_CLT_REPO`` by default or any repository
+   given. circuit-tracer runs GPT-2 without ``center_writing_weights``, so its CLTs write uncentred MLP outputs;
+   the decoders and ``b_dec`` are centred here (their mean over ``d_model`` removed), which is exactly what
+   TransformerLens does to ``W_out`` and ``b_out`` and changes nothing downstream (every reader of the residual
+   stream is a LayerNorm, which removes the mean). ``ln2.hook_normalized`` is the same under both processings.
+   Attention SAEs (``attn{L}``) can be added to it by name.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ GPT2_LAYERS = 12
 GPT2_REPO = "gpt2"  # what TransformerLens loads for "gpt2-small"
 GPT2_FILES = ("config.json", "generation_config.json", "merges.txt", "model.safetensors", "tokenizer_config.json",
               "vocab.json")
+# The GPT-2 small CLT trained by circuit-tracer's authors (ReLU, 1B tokens), as EleutherAI hosts it.
+GPT2_CLT_REPO = "EleutherAI/gpt2-mntss-transcoder-clt-relu-sp10-1b"
 # The configuration classes that the transcoder files pickle. They are rebuilt as inert records.
 ALLOWED_CONFIG_CLASSES = (
     "sae_training.config.LanguageModelSAERunnerConfig",
@@ -177,22 +188,24 @@ def kk_file_names(layer: int) -> tuple[str, str]:
     return path, path.split(".pt")[0] + "_cfg.json"
 
 
-def hub_files(layers: list[int] | None = None) -> list[tuple[str, str]]:
-    """Every (repository, file) that ``load_gpt2_small_suite(layers=layers)`` reads from the hub."""
+def hub_files(layers: list[int] | None = None, mlp_layers: list[int] | None = None) -> list[tuple[str, str]]:
+    """Every (repository, file) that ``load_gpt2_small_suite`` reads from the hub for attention SAEs at ``layers``
+    and transcoders at ``mlp_layers`` (both default to every layer; ``mlp_layers`` to ``layers``)."""
     layers = list(range(GPT2_LAYERS)) if layers is None else layers
+    mlp_layers = layers if mlp_layers is None else mlp_layers
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     kk_repo = get_pretrained_saes_directory()[KK_RELEASE].repo_id
     files = [(GPT2_REPO, f) for f in GPT2_FILES]
     files += [(kk_repo, f) for layer in layers for f in kk_file_names(layer)]
-    files += [(TRANSCODER_REPO, TRANSCODER_FILE.format(layer=layer)) for layer in layers]
+    files += [(TRANSCODER_REPO, TRANSCODER_FILE.format(layer=layer)) for layer in mlp_layers]
     return files
 
 
-def download_commands(layers: list[int] | None = None) -> list[str]:
+def download_commands(layers: list[int] | None = None, mlp_layers: list[int] | None = None) -> list[str]:
     """The ``huggingface-cli download`` lines that put every file of :func:`hub_files` in the cache, one per repository."""
     by_repo: dict[str, list[str]] = {}
-    for repo, name in hub_files(layers):
+    for repo, name in hub_files(layers, mlp_layers):
         by_repo.setdefault(repo, []).append(name)
     return [f"huggingface-cli download {repo} " + " ".join(names) for repo, names in by_repo.items()]
 
@@ -202,7 +215,8 @@ _HOW_TO_GET = ("connect to the hub once (the files are then cached), or copy in 
                "printed by: python -c 'from saes.pretrained import download_commands as d; print(*d(), sep=chr(10))'")
 
 
-def check_hub_cache(layers: list[int] | None = None, cache_dir: str | Path | None = None) -> None:
+def check_hub_cache(layers: list[int] | None = None, cache_dir: str | Path | None = None,
+                    mlp_layers: list[int] | None = None) -> None:
     """Offline, raise :class:`HubFilesMissing` naming the files of the suite that the cache lacks (before loading).
 
     ``cache_dir`` defaults to the hub's (``HF_HUB_CACHE``).
@@ -212,7 +226,7 @@ def check_hub_cache(layers: list[int] | None = None, cache_dir: str | Path | Non
     if not constants.HF_HUB_OFFLINE:
         return
     cache_dir = cache_dir or constants.HF_HUB_CACHE
-    files = hub_files(layers)
+    files = hub_files(layers, mlp_layers)
     missing = [f"{repo}/{name}" for repo, name in files
                if not isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir), str)]
     if missing:
@@ -223,19 +237,91 @@ def check_hub_cache(layers: list[int] | None = None, cache_dir: str | Path | Non
         )
 
 
-def load_gpt2_small_suite(device: str | torch.device = "cpu", layers: list[int] | None = None):
-    """GPT-2 small with the attention SAE and the transcoder of every layer (or of ``layers``)."""
+def select_dictionaries(dictionaries, n_layers: int, allowed: tuple[str, ...] = ("attn", "mlp")) -> dict[str, list[int] | bool]:
+    """Names (``attn{L}``, ``mlp{L}``, the groups ``attn`` / ``mlp``, and ``clt`` where allowed) -> layers per kind.
+
+    Returns ``{"attn": [layers], "mlp": [layers], "clt": bool}``; a name this suite cannot give is refused, with the
+    names it can.
+    """
+    import re
+
+    picked: dict[str, set[int]] = {"attn": set(), "mlp": set()}
+    clt = False
+    names = [dictionaries] if isinstance(dictionaries, str) else list(dictionaries)
+    for name in names:
+        m = re.fullmatch(r"(attn|mlp)(\d+)?", str(name))
+        if name == "clt" and "clt" in allowed:
+            clt = True
+        elif m and m.group(1) in allowed:
+            layers = range(n_layers) if m.group(2) is None else [int(m.group(2))]
+            bad = [l for l in layers if not 0 <= l < n_layers]
+            if bad:
+                raise ValueError(f"dictionary {name!r}: this suite has layers 0..{n_layers - 1}")
+            picked[m.group(1)].update(layers)
+        else:
+            kinds = " ".join(f"{k}0..{k}{n_layers - 1}" if k != "clt" else "clt" for k in allowed)
+            raise ValueError(f"unknown dictionary {name!r}; this suite has {kinds} (and the groups "
+                             f"{', '.join(k for k in allowed if k != 'clt')})")
+    if not (picked["attn"] or picked["mlp"] or clt):
+        raise ValueError("no dictionaries selected; name at least one, e.g. mlp or attn0")
+    return {"attn": sorted(picked["attn"]), "mlp": sorted(picked["mlp"]), "clt": clt}
+
+
+def load_gpt2_small_suite(device: str | torch.device = "cpu", layers: list[int] | None = None,
+                          dictionaries=None):
+    """GPT-2 small with the attention SAE and the transcoder of every layer (or of ``layers``), or with the
+    ``dictionaries`` named (``{"attn0", "mlp3"}``, ``{"mlp"}``: see :func:`select_dictionaries`)."""
     from saes.suite import Suite
 
     layers = list(range(GPT2_LAYERS)) if layers is None else layers
-    check_hub_cache(layers)
+    for l in layers:
+        _check_layer(l)
+    if dictionaries is None:
+        pick = {"attn": layers, "mlp": layers}
+    else:
+        pick = select_dictionaries(dictionaries, GPT2_LAYERS)
+    check_hub_cache(pick["attn"], mlp_layers=pick["mlp"])
     try:
         model = load_gpt2_small(device)
-        attn = {l: load_kk_attn_sae(l, device) for l in layers}
-        mlp = {l: load_dunefsky_transcoder(l, device) for l in layers}
+        attn = {l: load_kk_attn_sae(l, device) for l in pick["attn"]}
+        mlp = {l: load_dunefsky_transcoder(l, device) for l in pick["mlp"]}
     except OSError as e:  # the hub's connection and missing-entry errors are OSErrors
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise HubFilesMissing(f"could not load GPT-2 small and its dictionaries from the Hugging Face hub ({first}). "
                               f"To get them, {_HOW_TO_GET}") from None
     return Suite(name="gpt2-small", model=model, attn_saes=attn, transcoders=mlp,
-                 info={"processing": GPT2_PROCESSING, "attn_release": KK_RELEASE, "transcoder_repo": TRANSCODER_REPO})
+                 info={"processing": GPT2_PROCESSING, "attn_release": KK_RELEASE, "transcoder_repo": TRANSCODER_REPO,
+                       "dictionaries": [*(f"attn{l}" for l in attn), *(f"mlp{l}" for l in mlp)]})
+
+
+def center_clt_writes(clt):
+    """Remove each CLT decoder vector's (and ``b_dec``'s) mean over ``d_model``: ``center_writing_weights`` for a CLT."""
+    with torch.no_grad():
+        for w in clt.W_dec:
+            w.sub_(w.mean(-1, keepdim=True))
+        clt.b_dec.sub_(clt.b_dec.mean(-1, keepdim=True))
+    return clt
+
+
+def load_gpt2_small_clt(device: str | torch.device = "cpu", repo: str = GPT2_CLT_REPO):
+    """A GPT-2 small cross-layer transcoder in circuit-tracer's layout (hub reference or folder), writes centred."""
+    from saes.formats import load_clt
+
+    clt = load_clt(repo, model_name="gpt2-small")
+    if clt.n_layers != GPT2_LAYERS:
+        raise ValueError(f"{repo}: the CLT spans {clt.n_layers} layers; GPT-2 small has {GPT2_LAYERS}")
+    return center_clt_writes(clt).to(device)
+
+
+def load_gpt2_small_clt_suite(device: str | torch.device = "cpu", dictionaries=None, repo: str = GPT2_CLT_REPO):
+    """GPT-2 small with a cross-layer transcoder (``repo``) and, if named in ``dictionaries``, Kissane et al.'s
+    attention SAEs (``{"clt", "attn"}``, ``{"clt", "attn5"}``); by default the CLT alone."""
+    from saes.suite import Suite
+
+    pick = select_dictionaries(dictionaries or {"clt"}, GPT2_LAYERS, allowed=("attn", "clt"))
+    clt = load_gpt2_small_clt(device, repo) if pick["clt"] else None
+    model = load_gpt2_small(device)
+    attn = {l: load_kk_attn_sae(l, device) for l in pick["attn"]}
+    return Suite(name="gpt2-small-clt", model=model, attn_saes=attn, transcoders={}, clt=clt,
+                 info={"processing": GPT2_PROCESSING, "attn_release": KK_RELEASE, "clt_repo": repo if clt else None,
+                       "dictionaries": [*(f"attn{l}" for l in attn), *(["clt"] if clt else [])]})

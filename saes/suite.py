@@ -23,7 +23,13 @@ from saes.dictionary import spec_of
 log = logging.getLogger(__name__)
 
 MINI_DIR = Path(__file__).resolve().parent / "mini"
-KNOWN_SUITES = ("mini", "gpt2-small")
+KNOWN_SUITES = ("mini", "gpt2-small", "mini-skip", "mini-clt", "gpt2-small-clt")
+# Named suites beyond the two above: name -> "module:function(device=..., path=...)".
+NAMED_SUITES = {
+    "mini-skip": "saes.mini_suite:load_mini_skip",
+    "mini-clt": "saes.mini_suite:load_mini_clt",
+    "gpt2-small-clt": "saes.pretrained:load_gpt2_small_clt_suite",
+}
 
 
 @dataclass
@@ -35,10 +41,13 @@ class Suite:
     attn_saes: dict[int, Any]
     transcoders: dict[int, Any]
     info: dict[str, Any] = field(default_factory=dict)
+    clt: Any = None  # an optional saes.clt.CrossLayerTranscoder over every MLP layer
 
     def __post_init__(self) -> None:
         for sae in [*self.attn_saes.values(), *self.transcoders.values()]:
             check_fits(self.model, sae)
+        if self.clt is not None:
+            check_clt_fits(self.model, self.clt)
 
     @property
     def n_layers(self) -> int:
@@ -68,6 +77,8 @@ class Suite:
         self.model.to(device, print_details=False)
         for sae in [*self.attn_saes.values(), *self.transcoders.values()]:
             sae.to(device)
+        if self.clt is not None:
+            self.clt.to(device)
         return self
 
     def tokens(self, prompt: str, max_len: int | None = None) -> Float[Tensor, "1 pos"]:
@@ -117,6 +128,22 @@ def check_fits(model, sae) -> None:
         log.warning("dictionary %s says it was trained on %r, the model is %r", spec.name, meta_model, name)
 
 
+def check_clt_fits(model, clt) -> None:
+    """Raise a ValueError if a cross-layer transcoder does not span the model's layers at its hooks' widths."""
+    name = getattr(model.cfg, "model_name", "model")
+    if clt.n_layers != model.cfg.n_layers:
+        raise ValueError(f"the cross-layer transcoder spans {clt.n_layers} layers but {name!r} has {model.cfg.n_layers}; "
+                         f"use a CLT trained for this model")
+    for layer in (0, clt.n_layers - 1):
+        for side, hook in (("input", clt.hook_in(layer)), ("output", clt.hook_out(layer))):
+            width = hook_width(model, hook) if hook in model.hook_dict else None
+            if width is None:
+                raise ValueError(f"the cross-layer transcoder's {side} hook {hook!r} is not a hook of {name!r}")
+            if width != clt.cfg.d_model:
+                raise ValueError(f"the cross-layer transcoder's {side} width is {clt.cfg.d_model} but {name!r} has width "
+                                 f"{width} at {hook}; the CLT was trained for another model")
+
+
 def _official_name(name: str) -> str:
     """TransformerLens's model name for an alias (``gpt2-small`` -> ``gpt2``, what ``model.cfg.model_name`` holds)."""
     from transformer_lens.loading_from_pretrained import get_official_model_name
@@ -137,6 +164,12 @@ def load_suite(name: str, device: str | torch.device = "cpu", path: Path | None 
         from saes.pretrained import load_gpt2_small_suite
 
         return load_gpt2_small_suite(device=device)
+    if name in NAMED_SUITES:
+        import importlib
+
+        module, func = NAMED_SUITES[name].split(":")
+        loader = getattr(importlib.import_module(module), func)
+        return loader(device=device) if name.startswith("gpt2") else loader(path or MINI_DIR, device=device)
     if path is not None and Path(path).is_dir():
         from saes.mini_suite import load_mini
 

@@ -18,6 +18,8 @@ Algorithm (per step, on a batch of activations ``x_in`` and targets ``x_out``; f
    - Matryoshka (``matryoshka``, TopK and BatchTopK): the MSE is averaged with the MSEs of reconstructions from
      only the first ``m`` latents, for each prefix size ``m``, so early latents must stand alone (general
      features) and later ones refine them, instead of absorbing one another.
+   A skip transcoder (``W_skip``, sae-lens's ``SkipTranscoder``) adds ``x_in W_skip^T`` to the reconstruction;
+   ``W_skip`` starts at zero and trains with the rest, unpenalised (Paulo et al. 2025).
 3. Adam step with linear warm-up and a linear decay over the last ``decay_fraction`` of steps; for TopK,
    BatchTopK and JumpReLU the decoder rows are kept at unit norm (the activations carry the scale). BatchTopK also
    tracks its inference threshold: an exponential average (rate ``threshold_rate``) of the smallest
@@ -237,6 +239,9 @@ class DictionaryTrainer:
             raise ValueError(f"matryoshka prefixes {cfg.matryoshka} need a TopK or BatchTopK dictionary and sizes below "
                              f"its d_sae ({sae.cfg.d_sae})")
         self.params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+        self.skip = getattr(sae, "W_skip", None) is not None  # a skip transcoder: W_skip trains with the rest
+        if self.skip:
+            self.params.append(sae.W_skip)
         if self.jumprelu:
             # theta = exp(log_theta) stays positive; sae.threshold is rewritten from it after every step
             with torch.no_grad():
@@ -274,6 +279,8 @@ class DictionaryTrainer:
         else:
             codes = activate(sae, pre)
             recon = decode(sae, codes)
+        if self.skip:
+            recon = recon + x_in @ sae.W_skip.T
         denom = (x_out - x_out.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         residual = x_out - recon
         mse = residual.pow(2).sum(-1).mean() / denom
@@ -295,7 +302,7 @@ class DictionaryTrainer:
 
     def _topk_codes(self, pre: Tensor) -> Codes:
         vals, idx = pre.topk(int(self.sae.cfg.k), dim=-1)
-        return Codes.from_slots(vals.relu(), idx)
+        return Codes.from_slots(vals.relu() if getattr(self.sae.cfg, "topk_relu", True) else vals, idx)
 
     def _batch_topk_codes(self, pre: Tensor) -> Codes:
         """The ``k * batch`` largest ``relu(pre)`` of the whole batch, as ``Codes``, without sorting the batch.
@@ -418,6 +425,8 @@ class DictionaryTrainer:
             return 0
         sae = self.sae
         recon = decode(sae, activate(sae, pre_activation(sae, x_in)))
+        if self.skip:
+            recon = recon + x_in @ sae.W_skip.T
         err = (x_out - recon).pow(2).sum(-1)
         probs = (err / err.sum()).cpu().double()
         if not torch.isfinite(probs).all() or probs.sum() <= 0:

@@ -17,7 +17,7 @@ def test_mini_is_shipped_as_safetensors_within_budget():
     files = [p for p in MINI_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 25 * 2**20
     assert not [p for p in files if p.suffix in (".pt", ".pkl", ".bin", ".pth")]
-    assert len([p for p in files if p.suffix == ".safetensors"]) == 1 + 8
+    assert len([p for p in files if p.suffix == ".safetensors"]) == 1 + 8 + 2  # model, 8 dictionaries, 2 extras
 
 
 def test_mini_has_depth_and_every_dictionary(mini):

@@ -12,8 +12,8 @@ from scripts.common import add_model_args, load_suite_from_args, write_json
 FILES_HELP = """files written in --out:
   graph.safetensors + graph_meta.json  the whole circuit, compact and exact: every kept node and edge, the
                                        shown masks, per-head parts, scores (read back with Circuit.load(DIR))
-  graph.html                           the explorer: one offline page, opens on the shown (pruned) view, with a
-                                       card and a label for every feature node
+  graph.html                           the explorer: one offline page, opens on the shown (pruned) view; every
+                                       feature node has a label, and a card when there is text to build it from
   graph.json                           networkx node-link JSON, for networkx and graph tools
   graph.graphml                        GraphML, for Gephi, Cytoscape, igraph
   attribution_graph.json               circuit-tracer / Neuronpedia attribution-graph format

@@ -115,6 +115,8 @@ def figure(circuit: Circuit, max_edges: int = 1500):
 
 
 def write_html(circuit: Circuit, path: Path, max_edges: int = 1500) -> None:
-    """Write the page with plotly.js inlined (no network needed to view it)."""
-    figure(circuit, max_edges).write_html(str(path), include_plotlyjs=True, full_html=True)
+    """Write the page with plotly.js inlined (no network needed to view it), atomically."""
+    from saes.io import atomic_write_text
+
+    atomic_write_text(Path(path), figure(circuit, max_edges).to_html(include_plotlyjs=True, full_html=True))
     log.info("wrote %s", path)

@@ -51,7 +51,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch
@@ -60,6 +60,10 @@ from torch import Tensor
 
 from circuits import sites
 from circuits.sites import FEATURE_KINDS, KIND_CODE, KINDS, TOKEN_KINDS
+
+if TYPE_CHECKING:
+    from circuits.attribution import Attribution
+    from circuits.linear_model import LinearisedModel
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +388,7 @@ class Circuit:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def build_circuit(lm, attribution, prompt: str, model_name: str) -> Circuit:
+def build_circuit(lm: "LinearisedModel", attribution: "Attribution", prompt: str, model_name: str) -> Circuit:
     """Step 1 of the module docstring: the circuit's tensors from an attribution (every node shown)."""
     a, index = attribution, attribution.index
     cpu = lambda x: x.detach().cpu()
@@ -401,7 +405,7 @@ def build_circuit(lm, attribution, prompt: str, model_name: str) -> Circuit:
     reader_node[reader_cols < 0] = 0
     value = cpu(a.reader_value)
     dtype = value.dtype
-    head_feature = info.feature if info.kind in FEATURE_KINDS else -1
+    target_feature = info.feature if info.kind in FEATURE_KINDS else -1
     one = lambda x, rest: torch.cat([torch.tensor([x], dtype=rest.dtype), rest])
     constant = torch.zeros(k + 1, dtype=dtype)
     remainder = torch.zeros(k + 1, dtype=dtype)
@@ -424,7 +428,7 @@ def build_circuit(lm, attribution, prompt: str, model_name: str) -> Circuit:
         node_kind=one(KIND_CODE["target"], group_kind[groups]),
         node_layer=one(info.layer, group_layer[groups]),
         node_pos=one(info.pos, cpu(index.pos)[kept].long()),
-        node_feature=one(head_feature, cpu(index.feature)[kept].long()),
+        node_feature=one(target_feature, cpu(index.feature)[kept].long()),
         node_activation=one(float(value[0]), cpu(index.activation)[kept].to(dtype)),
         node_attribution=one(float(value[0]), cpu(a.hierarchy.influence)[kept].to(dtype)),
         node_influence=torch.zeros(k + 1, dtype=dtype),

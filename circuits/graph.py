@@ -506,10 +506,6 @@ def write_graphml(circuit: Circuit, path: Path, full: bool = False) -> None:
         nx.write_graphml(g, tmp)
 
 
-def _cantor(x: int, y: int) -> int:
-    return (x + y) * (x + y + 1) // 2 + y
-
-
 def neuronpedia_id(c: Circuit, i: int) -> tuple[str, str, int, str]:
     """``(node_id, layer, feature, feature_type)`` of node ``i`` in the attribution-graph JSON (module docstring)."""
     kind, layer, pos, feat = KINDS[int(c.node_kind[i])], int(c.node_layer[i]), int(c.node_pos[i]), int(c.node_feature[i])

@@ -25,7 +25,7 @@ $(STAMP): requirements.lock requirements-test.lock pyproject.toml scripts/batch/
 
 demo: setup
 	$(BIN)/circuits suite-eval --model mini --json --out out/demo
-	$(BIN)/circuits trace --model mini --prompt "$$(printf 'import os\nimport sys\n\ndef main(args):\n    for name in args:\n        print(name')" --out out/demo
+	$(BIN)/circuits trace --model mini --threshold 0.05 --prompt "$$(printf 'import os\nimport sys\n\ndef main(args):\n    for name in args:\n        print(name')" --out out/demo
 
 test: setup
 	$(BIN)/python -m pytest

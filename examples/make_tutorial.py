@@ -36,7 +36,8 @@ Steps 1 to 5 use the embedded suite `mini` (a 4-layer model trained on Python so
 and an MLP transcoder at every layer). They run offline, in well under a minute on a laptop CPU; the test suite
 executes them (`tests/test_tutorial.py`). Step 6 needs the Hugging Face hub, or a filled hub cache.
 
-Files go to `$TUTORIAL_OUT` (default `out/tutorial`). Feature-card statistics are cached in
+Run it with the toolkit's environment as the kernel (`make setup` installs the package and ipykernel there).
+Files go to `$TUTORIAL_OUT` (default `out/tutorial`, relative to the notebook's folder). Feature-card statistics are cached in
 `$CIRCUITS_CARDS_CACHE` (default `~/.cache/circuits-toolkit/cards`), so a second run skips that pass. The math
 behind every number is in `docs/attribution.md`; the command-line form of each step is in `docs/circuits.md`."""
 
@@ -109,7 +110,7 @@ EXPLORER_NOTE = """\
 The explorer is one self-contained HTML page (no network): residual-stream stages as rows, tokens as columns,
 pruned by influence as circuit-tracer prunes. Click a node for its edges and its *feature card*; click an edge
 into an attention feature for its split by head. Cards are built first, from held-out text: for `mini` the
-held-out files of its embedded corpus. The command line reads 65,536 tokens for them; 16,384 keep this quick."""
+held-out files of its embedded corpus. The command line reads 65,536 tokens for them; 8,192 keep this quick."""
 
 EXPLORER = """\
 from analysis.cards import CardConfig, build_feature_cards, card_text_source
@@ -117,7 +118,7 @@ from circuits.explorer import write_explorer
 from circuits.explorer_data import explorer_payload
 
 features = [(n.dictionary, n.feature) for n in circuit.nodes() if n.kind in ("attn_feature", "mlp_feature")]
-cards = build_feature_cards(suite, features, card_text_source(suite, None), config=CardConfig(n_tokens=16_384),
+cards = build_feature_cards(suite, features, card_text_source(suite, None), config=CardConfig(n_tokens=8_192),
                             progress=False)
 page = out / "graph.html"
 write_explorer(explorer_payload(circuit, cards=cards), page)
@@ -197,7 +198,7 @@ DASH = """\
 from analysis.cards import attach_dashboards
 from analysis.dashboards import write_feature_dashboards
 
-pages = write_feature_dashboards(suite, {top.dictionary: [top.feature]}, out / "dashboards", n_tokens=16_384)
+pages = write_feature_dashboards(suite, {top.dictionary: [top.feature]}, out / "dashboards", n_tokens=8_192)
 dashboard = out / "dashboards" / pages[(top.dictionary, top.feature)]
 score = json.loads(dashboard.with_suffix(".scorecard.json").read_text())
 print(", ".join(f"{k} {score[k]:.3g}" for k in ("density", "max_act", "max_neuron_corr", "ablation_delta_loss")))

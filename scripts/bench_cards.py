@@ -35,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from analysis.cards import CardConfig, build_feature_cards, card_text_source
     from circuits.trace import trace
+    from scripts.cards_args import circuit_features
     from saes.suite import load_suite
 
     torch.set_num_threads(args.threads)
     suite = load_suite(args.model)
     circuit = trace(suite, args.prompt, None, faithfulness=False, progress=False).circuit
-    prefix = {"attn_feature": "attn", "mlp_feature": "mlp"}
-    features = sorted({(prefix[n["kind"]] + str(n["layer"]), int(n["feature"])) for n in circuit.nodes if n["kind"] in prefix})
+    features = circuit_features(circuit.nodes())
     config = CardConfig() if args.tokens is None else CardConfig(n_tokens=args.tokens)
     source = card_text_source(suite, None)
     with tempfile.TemporaryDirectory(prefix="bench-cards-") as cache:

@@ -100,10 +100,11 @@ def cards_from_args(args: argparse.Namespace, suite, circuit_features: Iterable[
 def circuit_features(nodes: Iterable[Any]) -> list[tuple[str, int]]:
     """``(dictionary, feature)`` of every feature node, in order of first appearance; nodes may be dicts or
     objects with ``kind``, ``layer`` and ``feature``."""
-    prefix = {"attn_feature": "attn", "mlp_feature": "mlp"}
+    from circuits.sites import FEATURE_KINDS, dictionary_name
+
     out: dict[tuple[str, int], None] = {}
     for n in nodes:
         get = n.get if isinstance(n, dict) else lambda k, n=n: getattr(n, k, None)
-        if get("kind") in prefix:
-            out[(f"{prefix[get('kind')]}{int(get('layer'))}", int(get("feature")))] = None
+        if get("kind") in FEATURE_KINDS:
+            out[(dictionary_name(get("kind"), int(get("layer"))), int(get("feature")))] = None
     return list(out)

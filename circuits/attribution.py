@@ -44,7 +44,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuits.linear_model import LinearisedModel
+from circuits.linear_model import LinearisedModel, attn_stage
 from circuits.targets import FeatureTarget, Target, read_targets, split_heads
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ class CompactReadingVectors:
     constant: Float[Tensor, "batch"]
     stage: Int[Tensor, "batch"]
     stages: list[int]  # the same as ``stage``, as Python ints
+    h0: Float[Tensor, "batch"]  # the reader's value at a zero residual (its own biases)
 
     def dense(self) -> Float[Tensor, "batch pos d_model"]:
         g = self.local.new_zeros(len(self.stages), self.spread.shape[1], self.local.shape[1])
@@ -166,12 +167,17 @@ class CompactReadingVectors:
 
 
 def reading_vectors(lm: LinearisedModel, targets: list[Target], autograd: bool = False) -> ReadingVectors:
-    """One backward pass for all of ``targets`` (step 1 of the module docstring), as dense ``[batch, pos, d_model]``."""
+    """One backward pass for all of ``targets`` (step 1 of the module docstring), as dense ``[batch, pos, d_model]``.
+
+    ``g`` is each reader's reading vector on the residual stream just below its own stage; where attention
+    layers pass through, the vectors of lower stages follow from it by ``LinearisedModel.descend``.
+    """
     rv = compact_reading_vectors(lm, targets, autograd)
     return ReadingVectors(rv.dense(), rv.constant, rv.stage)
 
 
-def compact_reading_vectors(lm: LinearisedModel, targets: list[Target], autograd: bool = False) -> CompactReadingVectors:
+def compact_reading_vectors(lm: LinearisedModel, targets: list[Target], autograd: bool = False,
+                            constants: bool = True) -> CompactReadingVectors:
     """One backward pass for all of ``targets``, stored compactly (``CompactReadingVectors``).
 
     Feature readers, the bulk of every batch, take the backward pass of ``targets.read_targets`` written out
@@ -179,7 +185,9 @@ def compact_reading_vectors(lm: LinearisedModel, targets: list[Target], autograd
     dictionary at a time; any other target, or every target with ``autograd=True``, goes through a real backward
     pass. Both give the same reading vectors (a test); the benchmark uses ``autograd`` as its naive baseline, one
     backward pass per target. The constant of reader b is its value at a zero residual plus its reading vector
-    dotted with the constant writes of the stages it sees.
+    dotted with the constant writes of the stages it sees; where attention layers pass through, the reading
+    vector of each stage below them (``LinearisedModel.descend``), which takes a descent of its own unless
+    ``constants=False`` (the caller then computes the constants on its own descent from ``h0``).
     """
     n, d, n_pos = len(targets), lm.cfg.d_model, lm.n_pos
     opts = dict(dtype=lm.dtype, device=lm.device)
@@ -255,8 +263,14 @@ def compact_reading_vectors(lm: LinearisedModel, targets: list[Target], autograd
     own = {targets[b].pos for b in spread_rows if reads_one(targets[b])}
     reach = max((targets[b].max_pos for b in spread_rows if not reads_one(targets[b])), default=-1)
     read = [p for p in range(n_pos) if p <= reach or p in own]
-    return CompactReadingVectors(local, local_rows, [targets[b].pos for b in local_rows], spread, spread_rows, read,
-                                 constant, stage, stages)
+    rv = CompactReadingVectors(local, local_rows, [targets[b].pos for b in local_rows], spread, spread_rows, read,
+                               constant, stage, stages, h0)
+    if lm.linear_stages:
+        rv.constant = h0.clone()
+        if constants:
+            for t, G in lm.descend(rv.dense(), stage):
+                rv.constant += G.sum(1) @ lm.constant_write(t)
+    return rv
 
 
 def _runs(items: list, key) -> list[tuple[object, list[int]]]:
@@ -278,6 +292,8 @@ def direct_effects(lm: LinearisedModel, index: NodeIndex, rv: ReadingVectors) ->
     nodes of stages its reader sees.
     """
     limit = int(rv.stage.max())
+    if lm.linear_stages:
+        return _direct_effects_descending(lm, index, rv)
     dots = lm.table_dots(rv.g, limit)  # [batch, pos, slots below limit]
     n_slots = dots.shape[2]
     dots = dots * (lm.table_stage[:n_slots][None, None, :] < rv.stage[:, None, None])
@@ -287,6 +303,17 @@ def direct_effects(lm: LinearisedModel, index: NodeIndex, rv: ReadingVectors) ->
     flat = index.table_flat[keep]
     pos, slot = flat // total, flat % total
     out[:, keep] = dots[:, pos, slot]
+    return out
+
+
+def _direct_effects_descending(lm: LinearisedModel, index: NodeIndex, rv: ReadingVectors) -> Float[Tensor, "batch n"]:
+    """``direct_effects`` where attention passes through: each stage's nodes read with that stage's vectors."""
+    out = torch.zeros(rv.g.shape[0], index.n, dtype=lm.dtype, device=lm.device)
+    for t, G in lm.descend(rv.g, rv.stage):
+        for i, group in lm.groups_at(t):
+            if group.n_nodes:
+                dots = lm.unit_dots(group, G) * group.activation  # [batch, pos, m]
+                out[:, index.columns(i)] = dots.flatten(1)[:, index.flat[i]]
     return out
 
 
@@ -311,6 +338,7 @@ class KeptSources:
     starts: list[int]
     below: list[list[int]]
     dropped: Float[Tensor, "stages pos d_model"]
+    dropped_at: Float[Tensor, "stages pos d_model"]  # ``dropped_at[t + 1]``: the dropped writes of stage t alone
 
 
 def kept_sources(lm: LinearisedModel, index: NodeIndex, kept: Bool[Tensor, "n"]) -> KeptSources:
@@ -334,7 +362,8 @@ def kept_sources(lm: LinearisedModel, index: NodeIndex, kept: Bool[Tensor, "n"])
         if drop.any():
             act = torch.where(drop, group.activation, torch.zeros_like(group.activation))
             per_stage[group.stage + 1] += lm.write(group, act[None])[0]
-    return KeptSources(cols, writes, pos, stage, torch.argsort(order), starts, below.tolist(), torch.cumsum(per_stage, 0))
+    return KeptSources(cols, writes, pos, stage, torch.argsort(order), starts, below.tolist(), torch.cumsum(per_stage, 0),
+                       per_stage)
 
 
 @dataclass
@@ -357,6 +386,8 @@ def edge_rows(lm: LinearisedModel, sources: KeptSources, readers: list[Target], 
     with the dropped writes of its stage. So the cost grows with the kept nodes, not with every active node.
     ``autograd`` as in ``compact_reading_vectors``.
     """
+    if lm.linear_stages:
+        return _edge_rows_descending(lm, sources, readers, autograd)
     rv = compact_reading_vectors(lm, readers, autograd=autograd)
     n, k = len(readers), len(sources.cols)
     opts = dict(dtype=lm.dtype, device=lm.device)
@@ -393,6 +424,34 @@ def edge_rows(lm: LinearisedModel, sources: KeptSources, readers: list[Target], 
     kept.masked_fill_(sources.stage[None, :] >= rv.stage[:, None], 0.0)
     kept = kept.index_select(1, sources.unsort)
     return EdgeRows(kept, remainder, rv.constant)
+
+
+def _edge_rows_descending(lm: LinearisedModel, sources: KeptSources, readers: list[Target],
+                          autograd: bool) -> EdgeRows:
+    """``edge_rows`` where attention passes through: one descent (``LinearisedModel.descend``) per batch.
+
+    At each stage t the readers' vectors of that stage meet the kept sources of stage t at each position (one
+    product per position), the stage's constant write and its dropped writes; the pass-through stages carry the
+    vectors down. The readers' constants are their biases plus what the descent reads from the constant writes.
+    """
+    rv = compact_reading_vectors(lm, readers, autograd=autograd, constants=False)
+    n, k = len(readers), len(sources.cols)
+    opts = dict(dtype=lm.dtype, device=lm.device)
+    kept = torch.zeros(n, k, **opts)  # columns in position order, as ``sources.writes``
+    remainder = torch.zeros(n, **opts)
+    constant = rv.h0.clone()
+    writes = sources.writes
+    for t, G in lm.descend(rv.dense(), rv.stage):
+        constant += G.sum(1) @ lm.constant_write(t)
+        dropped = sources.dropped_at[t + 1]
+        if dropped.any():
+            remainder += einsum(G, dropped, "b p d, p d -> b")
+        for p in range(lm.n_pos):
+            start = sources.starts[p] + sources.below[p][t]
+            stop = sources.starts[p] + sources.below[p][t + 1]
+            if stop > start:
+                kept[:, start:stop] = G[:, p] @ writes[start:stop].T
+    return EdgeRows(kept.index_select(1, sources.unsort), remainder, constant)
 
 
 @dataclass
@@ -432,8 +491,10 @@ def hierarchical_attribution(lm: LinearisedModel, index: NodeIndex, target: Targ
                 feats = group.feature[p_k, j_k].tolist()
                 readers = [FeatureTarget(group.kind, group.layer, f, p) for f, p in zip(feats, p_k.tolist())]
                 weight = T[p_k, j_k] / group.activation[p_k, j_k]
-                G_stage = G_stage + compact_reading_vectors(lm, readers).weighted_sum(weight)[None]
+                G_stage = G_stage + compact_reading_vectors(lm, readers, constants=False).weighted_sum(weight)[None]
         G = G + G_stage  # after the whole stage: nodes of one stage do not read each other
+        if stage in lm.linear_stages:  # attention passed through: its input is read along every path through it
+            G = G + lm.pass_back(stage, G)
     return Hierarchy(kept, influence, h)
 
 
@@ -464,14 +525,16 @@ def relative_residual(value: Tensor, terms_abs: Tensor, residual: Tensor) -> Ten
 
 
 def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], src: Tensor,
-                dst: Tensor) -> Float[Tensor, "e n_heads"]:
+                dst: Tensor, sources: KeptSources | None = None, batch_size: int = 64) -> Float[Tensor, "e n_heads"]:
     """Per-head parts of edges into attention features (NaN for other edges).
 
     The per-head reading vector of an attention feature is ``pattern[h, q, k] (u_h - mean u_h) / scale1[k]`` with
     ``u_h = W_V[h] w_h`` (centred: ``LinearisedModel.value_reader``); each edge's part through head h is its source's
     write dotted with it. The parts sum to the edge, which comes from the reading vector of ``reading_vectors``.
     Per attention layer, one product of every reader's ``u`` with every source's write, then a gather at the
-    edges (rather than one ``u`` per edge).
+    edges (rather than one ``u`` per edge). Where an attention layer below the readers' passes through, a source
+    also reaches head h along paths through it: the parts of that layer's edges are then the edge rows of the
+    head-restricted readers (``FeatureTarget.head``) from ``sources``, which must be given.
     """
     n_heads = lm.cfg.n_heads
     parts = torch.full((len(src), n_heads), float("nan"), dtype=lm.dtype, device=lm.device)
@@ -483,6 +546,9 @@ def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], sr
             continue
         e = (edge_layer == L).nonzero()[:, 0]
         if len(e) == 0:
+            continue
+        if any(t < attn_stage(L) for t in lm.linear_stages):
+            parts[e] = _head_parts_descending(lm, readers, src[e], dst[e], sources, batch_size)
             continue
         rows, r_local = torch.unique(dst[e], return_inverse=True)
         cols, s_local = torch.unique(src[e], return_inverse=True)
@@ -496,6 +562,21 @@ def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], sr
         pattern = lm.patterns[L][:, q[r_local], k]  # [heads, edges]
         parts[e] = dots * rearrange(pattern, "h e -> e h") / lm.scale_ln1[L][k][:, None]
     return parts
+
+
+def _head_parts_descending(lm: LinearisedModel, readers: list[Target], src: Tensor, dst: Tensor,
+                           sources: KeptSources, batch_size: int) -> Float[Tensor, "e n_heads"]:
+    """Per-head parts of edges into attention features of one layer, from head-restricted edge rows."""
+    n_heads = lm.cfg.n_heads
+    rows, r_local = torch.unique(dst, return_inverse=True)
+    col_of = torch.full((int(sources.cols.max()) + 1 if len(sources.cols) else 1,), -1, dtype=torch.long, device=lm.device)
+    col_of[sources.cols] = torch.arange(len(sources.cols), device=lm.device)
+    s_local = col_of[src]
+    heads = [FeatureTarget(readers[j].kind, readers[j].layer, readers[j].feature, readers[j].pos, head=h)
+             for j in rows.tolist() for h in range(n_heads)]
+    per_head = torch.cat([edge_rows(lm, sources, heads[a : a + batch_size]).kept for a in range(0, len(heads), batch_size)])
+    per_head = per_head.view(len(rows), n_heads, -1)
+    return per_head[r_local, :, s_local]
 
 
 def attribute(lm: LinearisedModel, target: Target, threshold: float = 0.01, batch_size: int = 64,
@@ -540,7 +621,7 @@ def _attribute(lm: LinearisedModel, target: Target, threshold: float, batch_size
         bar.update(len(chunk))
     bar.close()
     src_t, dst_t, w_t = torch.cat(src), torch.cat(dst), torch.cat(weight)
-    heads = _head_parts(lm, index, readers, src_t, dst_t)
+    heads = _head_parts(lm, index, readers, src_t, dst_t, sources, batch_size)
     max_res = float(residual.max()) if n_r else 0.0
     result = Attribution(index, target, hier, threshold, reader_cols, value, constant, remainder, residual,
                          src_t, dst_t, w_t, heads, max_res)

@@ -5,7 +5,8 @@ Algorithm (Marks et al. 2024, "Sparse Feature Circuits"):
 1. Splice every dictionary into the *real* model (nothing frozen: patterns, LayerNorm scales and feature
    activations are recomputed): ``hook_z <- attn_sae(z) + error_z`` and
    ``hook_mlp_out <- transcoder(ln2_in) + error_mlp``, with each error computed in the same run. With nothing
-   ablated this is the model itself.
+   ablated this is the model itself. Only the suite's dictionaries are spliced: attention without an SAE runs
+   as it is, and an MLP without a transcoder is one node per position (``mlp_output``), ablated like an error.
 2. Ablate a node by *zero ablation*: a feature's activation, or an error vector at one position, is set to 0
    (decoder biases stay). Embeddings are never ablated: the circuit explains what the model does with its input.
 3. The metric m is the target itself (feature pre-activation, logit or logit difference, attention score, or
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Ablation:
-    """What survives: ``features[(kind, layer)]`` is a [pos, d_sae] keep-mask, ``errors[(kind, layer)]`` a [pos] one.
+    """What survives: ``features[(kind, layer)]`` is a [pos, d_sae] keep-mask, ``errors[(kind, layer)]`` a [pos] one
+    (``errors[("mlp_output", layer)]`` for the whole MLP output of a layer without a transcoder).
 
     A missing key keeps everything of that dictionary.
     """
@@ -52,6 +54,8 @@ def run_spliced(lm: LinearisedModel, target: Target, ablation: Ablation) -> floa
 
     def splice_attn(z, hook):
         layer = hook.layer()
+        if layer not in suite.attn_saes:
+            return z
         sae = suite.attn_saes[layer]
         flat = flatten_z(z[0])
         acts = encode(sae, flat)
@@ -69,6 +73,9 @@ def run_spliced(lm: LinearisedModel, target: Target, ablation: Ablation) -> floa
 
     def splice_mlp(out, hook):
         layer = hook.layer()
+        if layer not in suite.transcoders:  # the whole output is one node per position
+            keep_out = ablation.errors.get(("mlp_output", layer))
+            return out if keep_out is None else out * keep_out[:, None]
         tc = suite.transcoders[layer]
         x = seen[f"ln2.{layer}"]
         acts = encode(tc, x)
@@ -109,8 +116,12 @@ def ablation_keeping(lm: LinearisedModel, nodes: list[dict], complement: bool = 
     """Keep exactly the feature and error ``nodes`` (or, with ``complement``, everything but them)."""
     features, errors = {}, {}
     for layer in range(lm.n_layers):
-        for kind in ("attn_feature", "mlp_feature"):
-            d_sae = lm.dictionary(kind, layer).cfg.d_sae
+        if layer not in lm.suite.transcoders:
+            errors[("mlp_output", layer)] = torch.full((lm.n_pos,), complement, dtype=torch.bool, device=lm.device)
+        for kind, store in (("attn_feature", lm.suite.attn_saes), ("mlp_feature", lm.suite.transcoders)):
+            if layer not in store:
+                continue
+            d_sae = store[layer].cfg.d_sae
             features[(kind, layer)] = torch.full((lm.n_pos, d_sae), complement, dtype=torch.bool, device=lm.device)
             errors[(kind, layer)] = torch.full((lm.n_pos,), complement, dtype=torch.bool, device=lm.device)
     for n in nodes:
@@ -118,6 +129,8 @@ def ablation_keeping(lm: LinearisedModel, nodes: list[dict], complement: bool = 
             features[(n["kind"], n["layer"])][n["pos"], n["feature"]] = not complement
         elif n["kind"] in ("attn_error", "mlp_error"):
             errors[("attn_feature" if n["kind"] == "attn_error" else "mlp_feature", n["layer"])][n["pos"]] = not complement
+        elif n["kind"] == "mlp_output":
+            errors[("mlp_output", n["layer"])][n["pos"]] = not complement
     return Ablation(features, errors)
 
 

@@ -121,6 +121,8 @@ def node_id(kind: str, layer: int, pos: int, feature: int) -> str:
         return f"pos_embed@{pos}"
     if kind in ("attn_error", "mlp_error"):
         return f"{kind[:-6]}{layer}.error@{pos}"
+    if kind == "mlp_output":
+        return f"mlp{layer}.out@{pos}"
     return f"{kind[:-8]}{layer}:{feature}@{pos}"
 
 
@@ -212,7 +214,7 @@ def write_graphml(circuit: Circuit, path: Path) -> None:
 
 _FEATURE_TYPES = {
     "embed": "embedding", "pos_embed": "embedding", "attn_feature": "lorsa", "mlp_feature": "cross layer transcoder",
-    "attn_error": "lorsa error", "mlp_error": "mlp reconstruction error",
+    "attn_error": "lorsa error", "mlp_error": "mlp reconstruction error", "mlp_output": "mlp reconstruction error",
 }
 
 
@@ -231,7 +233,7 @@ def attribution_graph_json(circuit: Circuit, slug: str = "circuit") -> dict[str,
             nid, layer_s = f"E_{feat if feat >= 0 else pos}_{pos}", "E"
         elif kind == "pos_embed":
             nid, layer_s = f"P_{pos}_{pos}", "E"
-        elif kind in ("attn_error", "mlp_error"):
+        elif kind in ("attn_error", "mlp_error", "mlp_output"):
             nid, layer_s = f"{'A' if kind == 'attn_error' else ''}{layer}_-1_{pos}", str(layer)
         elif kind == "target":
             layer_s = str(n_layers + 1) if circuit.target.startswith("logit") else str(layer)

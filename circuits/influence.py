@@ -28,7 +28,7 @@ from circuits.graph import TARGET_ID, Circuit
 
 log = logging.getLogger(__name__)
 
-ERROR_KINDS = ("attn_error", "mlp_error")
+ERROR_KINDS = ("attn_error", "mlp_error", "mlp_output")  # a frozen MLP output (no transcoder) is unexplained too
 TOKEN_KINDS = ("embed", "pos_embed")
 
 

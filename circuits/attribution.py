@@ -339,6 +339,24 @@ class KeptSources:
     below: list[list[int]]
     dropped: Float[Tensor, "stages pos d_model"]
     dropped_at: Float[Tensor, "stages pos d_model"]  # ``dropped_at[t + 1]``: the dropped writes of stage t alone
+    by_stage: dict | None = None  # made by ``stage_layout`` when first needed
+
+    def stage_layout(self, n_pos: int) -> dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Per stage with kept sources: their writes padded by position ``[pos, m, d_model]``, and for each source
+        its position, its slot there and its row in ``writes``, so that one batched product per stage meets them
+        with the reading vectors of that stage at every position."""
+        if self.by_stage is None:
+            self.by_stage = {}
+            for t in self.stage.unique().tolist():
+                rows = (self.stage == t).nonzero()[:, 0]  # sorted by position (``writes`` is)
+                pos = self.pos[rows]
+                counts = torch.bincount(pos, minlength=n_pos)
+                first = torch.cumsum(counts, 0) - counts
+                slot = torch.arange(len(rows), device=rows.device) - first[pos]
+                padded = self.writes.new_zeros(n_pos, int(counts.max()), self.writes.shape[1])
+                padded[pos, slot] = self.writes[rows]
+                self.by_stage[t] = (padded, pos, slot, rows)
+        return self.by_stage
 
 
 def kept_sources(lm: LinearisedModel, index: NodeIndex, kept: Bool[Tensor, "n"]) -> KeptSources:
@@ -440,17 +458,16 @@ def _edge_rows_descending(lm: LinearisedModel, sources: KeptSources, readers: li
     kept = torch.zeros(n, k, **opts)  # columns in position order, as ``sources.writes``
     remainder = torch.zeros(n, **opts)
     constant = rv.h0.clone()
-    writes = sources.writes
+    layout = sources.stage_layout(lm.n_pos)
+    has_dropped = sources.dropped_at.flatten(1).abs().amax(1) > 0
     for t, G in lm.descend(rv.dense(), rv.stage):
         constant += G.sum(1) @ lm.constant_write(t)
-        dropped = sources.dropped_at[t + 1]
-        if dropped.any():
-            remainder += einsum(G, dropped, "b p d, p d -> b")
-        for p in range(lm.n_pos):
-            start = sources.starts[p] + sources.below[p][t]
-            stop = sources.starts[p] + sources.below[p][t + 1]
-            if stop > start:
-                kept[:, start:stop] = G[:, p] @ writes[start:stop].T
+        if has_dropped[t + 1]:
+            remainder += einsum(G, sources.dropped_at[t + 1], "b p d, p d -> b")
+        if t in layout:
+            padded, pos, slot, rows = layout[t]
+            dots = torch.bmm(G.transpose(0, 1), padded.transpose(1, 2))  # [pos, batch, m]
+            kept[:, rows] = dots[pos, :, slot].T
     return EdgeRows(kept.index_select(1, sources.unsort), remainder, constant)
 
 

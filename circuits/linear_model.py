@@ -170,6 +170,7 @@ class LinearisedModel:
         self._const_writes = self._constant_writes()
         self._value_readers: dict[int, Tensor] = {}
         self._value_biases: dict[int, Tensor] = {}
+        self._pass_back_maps: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ construction
     def W_O_flat(self, layer: int) -> Float[Tensor, "hd d_model"]:
@@ -287,13 +288,23 @@ class LinearisedModel:
         """The transpose of ``pass_through``: what a reading vector ``G`` on the stage's output reads on its input.
 
         Per head, ``G[q] W_O[h]^T`` at each query, spread to the keys by the frozen pattern, then ``W_V[h]^T``,
-        then the adjoint of LayerNorm with a frozen scale (centre, divide by the key's scale).
+        then the adjoint of LayerNorm with a frozen scale (centre, divide by the key's scale). Three batched
+        matrix products: ``W_O`` and ``W_V`` with heads concatenated, the pattern one head at a time.
         """
         layer = self.linear_stages[stage]
-        attn = self.model.blocks[layer].attn
-        u = einsum(G, attn.W_O, "b q d, h e d -> b q h e")
-        v = einsum(self.patterns[layer], u, "h q k, b q h e -> b k h e")
-        x = einsum(v, attn.W_V, "b k h e, h d e -> b k d")
+        if layer not in self._pass_back_maps:
+            attn = self.model.blocks[layer].attn
+            self._pass_back_maps[layer] = (self.W_O_flat(layer).detach().T.contiguous(),  # [d_model, (h e)]
+                                           rearrange(attn.W_V.detach(), "h d e -> (h e) d").contiguous(),
+                                           self.patterns[layer].transpose(1, 2).contiguous())  # [h, k, q]
+        W_O_T, W_V_flat, pattern_T = self._pass_back_maps[layer]
+        b, n_pos, d = G.shape
+        h = self.cfg.n_heads
+        u = (G.reshape(b * n_pos, d) @ W_O_T).view(b, n_pos, h, -1)  # [b, q, h, e]
+        e = u.shape[-1]
+        u = u.permute(2, 1, 0, 3).reshape(h, n_pos, b * e)  # [h, q, (b e)]
+        v = torch.bmm(pattern_T, u).view(h, n_pos, b, e).permute(2, 1, 0, 3).reshape(b * n_pos, h * e)  # [(b k), (h e)]
+        x = (v @ W_V_flat).view(b, n_pos, d)
         return (x - x.mean(-1, keepdim=True)) / self.scale_ln1[layer][:, None]
 
     def descend(self, g: Float[Tensor, "batch pos d_model"], stage: Int[Tensor, "batch"],

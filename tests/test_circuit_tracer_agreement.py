@@ -21,7 +21,8 @@ token embeddings.
   ``JumpReLU`` (``x * (x > threshold)``) equals sae-lens's (``relu(x) * (x > threshold)``). Its other
   transcoders are TopK, where sae-lens applies a ReLU after the top k and circuit-tracer's ``TopK`` does not;
   the circuit-tracer side is given ``Sequential(TopK(k), ReLU())``, circuit-tracer's own TopK followed by a
-  ReLU, so both keep the same features.
+  ReLU, so both keep the same features (``circuits.circuit_tracer_compat`` builds that side; the test checks
+  that the active features and their activations agree).
 - **BOS position zeroed.** circuit-tracer sets every feature activation and error vector at position 0 to zero:
   they are not nodes and their effects are attributed to nothing. This project keeps them as nodes. So edges
   from position-0 features and errors are in our graph only, and position-0 features have no row in
@@ -50,9 +51,9 @@ import pytest
 import torch
 
 from circuits.attribution import attribute
+from circuits.circuit_tracer_compat import circuit_tracer_replacement_model
 from circuits.linear_model import LinearisedModel
 from circuits.targets import LogitTarget
-from saes.dictionary import spec_of
 from saes.suite import MINI_DIR
 
 pytest.importorskip("circuit_tracer")
@@ -60,39 +61,6 @@ pytestmark = pytest.mark.skipif(not (MINI_DIR / "cfg.json").is_file(), reason="t
 
 PROMPT = "import os\nimport sys\n"
 REL = 1e-4
-
-
-def circuit_tracer_model(suite):
-    """circuit-tracer's replacement model over mini's own weights and transcoders (conventions: module docstring)."""
-    from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
-    from circuit_tracer.transcoder.activation_functions import JumpReLU, TopK
-    from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder, TranscoderSet
-
-    model = suite.model
-    layers = {}
-    for layer, tc in suite.transcoders.items():
-        spec = spec_of(tc)
-        if spec.activation == "jumprelu":
-            assert float(tc.threshold.min()) >= 0, "circuit-tracer's JumpReLU equals sae-lens's only for thresholds >= 0"
-            act = JumpReLU(tc.threshold.detach().clone())
-        elif spec.activation == "topk":
-            act = torch.nn.Sequential(TopK(spec.k), torch.nn.ReLU())  # sae-lens's TopK keeps only positive values
-        else:
-            act = torch.nn.ReLU()
-        ct = SingleLayerTranscoder(model.cfg.d_model, tc.cfg.d_sae, act, layer, device=torch.device("cpu"),
-                                   dtype=model.cfg.dtype)
-        with torch.no_grad():
-            ct.W_enc.copy_(tc.W_enc.T)  # circuit-tracer stores the encoder [d_transcoder, d_model]
-            ct.W_dec.copy_(tc.W_dec)
-            ct.b_enc.copy_(tc.b_enc)
-            ct.b_dec.copy_(tc.b_dec)
-        layers[layer] = ct
-    transcoders = TranscoderSet(layers, feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out")
-    replacement = TransformerLensReplacementModel(model.cfg, tokenizer=model.tokenizer)
-    missing, unexpected = replacement.load_state_dict(model.state_dict(), strict=False)
-    assert not missing and not unexpected
-    replacement._configure_replacement_model(transcoders)
-    return replacement
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +73,7 @@ def both(one_torch_thread):
     for p in suite.model.parameters():
         p.requires_grad_(False)
     tokens = suite.tokens(PROMPT)
-    replacement = circuit_tracer_model(suite)
+    replacement = circuit_tracer_replacement_model(suite)
     token = int(tokens[0, -1])  # the last token's logit at the last position (any token would do)
     graph = ct_attribute(tokens[0], replacement, attribution_targets=torch.tensor([token]), max_feature_nodes=None,
                          batch_size=256)

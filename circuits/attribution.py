@@ -265,7 +265,7 @@ def compact_reading_vectors(lm: LinearisedModel, targets: list[Target], autograd
     read = [p for p in range(n_pos) if p <= reach or p in own]
     rv = CompactReadingVectors(local, local_rows, [targets[b].pos for b in local_rows], spread, spread_rows, read,
                                constant, stage, stages, h0)
-    if lm.linear_stages:
+    if lm.needs_descent:
         rv.constant = h0.clone()
         if constants:
             for t, G in lm.descend(rv.dense(), stage):
@@ -292,7 +292,7 @@ def direct_effects(lm: LinearisedModel, index: NodeIndex, rv: ReadingVectors) ->
     nodes of stages its reader sees.
     """
     limit = int(rv.stage.max())
-    if lm.linear_stages:
+    if lm.needs_descent:
         return _direct_effects_descending(lm, index, rv)
     dots = lm.table_dots(rv.g, limit)  # [batch, pos, slots below limit]
     n_slots = dots.shape[2]
@@ -404,7 +404,7 @@ def edge_rows(lm: LinearisedModel, sources: KeptSources, readers: list[Target], 
     with the dropped writes of its stage. So the cost grows with the kept nodes, not with every active node.
     ``autograd`` as in ``compact_reading_vectors``.
     """
-    if lm.linear_stages:
+    if lm.needs_descent:
         return _edge_rows_descending(lm, sources, readers, autograd)
     rv = compact_reading_vectors(lm, readers, autograd=autograd)
     n, k = len(readers), len(sources.cols)
@@ -509,9 +509,9 @@ def hierarchical_attribution(lm: LinearisedModel, index: NodeIndex, target: Targ
                 readers = [FeatureTarget(group.kind, group.layer, f, p) for f, p in zip(feats, p_k.tolist())]
                 weight = T[p_k, j_k] / group.activation[p_k, j_k]
                 G_stage = G_stage + compact_reading_vectors(lm, readers, constants=False).weighted_sum(weight)[None]
-        G = G + G_stage  # after the whole stage: nodes of one stage do not read each other
-        if stage in lm.linear_stages:  # attention passed through: its input is read along every path through it
+        if stage in lm.linear_stages:  # a pass-through (attention, skip path): what reads its output reads its input
             G = G + lm.pass_back(stage, G)
+        G = G + G_stage  # after the whole stage: nodes of one stage do not read each other
     return Hierarchy(kept, influence, h)
 
 

@@ -27,7 +27,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from circuits.graph import Circuit
-from circuits.linear_model import LinearisedModel
+from circuits.linear_model import LinearisedModel, skip_weight
 from circuits.targets import AttentionScoreTarget, DirectionTarget, FeatureTarget, LogitTarget, Target
 from saes.dictionary import decode, encode, pre_activation
 from saes.suite import flatten_z
@@ -79,14 +79,16 @@ def run_spliced(lm: LinearisedModel, target: Target, ablation: Ablation) -> floa
         tc = suite.transcoders[layer]
         x = seen[f"ln2.{layer}"]
         acts = encode(tc, x)
-        error = out[0] - decode(tc, acts)
+        W_skip = skip_weight(tc)
+        skip = x @ W_skip.T if W_skip is not None else 0.0  # a linear path of the transcoder: never ablated
+        error = out[0] - decode(tc, acts) - skip
         if isinstance(target, FeatureTarget) and target.kind == "mlp_feature" and target.layer == layer:
             seen["metric"] = pre_activation(tc, x)[target.pos, target.feature]
         keep = ablation.features.get(("mlp_feature", layer))
         keep_err = ablation.errors.get(("mlp_feature", layer))
         acts = acts if keep is None else acts * keep
         error = error if keep_err is None else error * keep_err[:, None]
-        return (decode(tc, acts) + error)[None]
+        return (decode(tc, acts) + skip + error)[None]
 
     def capture(x, hook):
         seen[hook.name] = x[0]

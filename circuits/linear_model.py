@@ -52,6 +52,11 @@ NodeKind = Literal["embed", "pos_embed", "attn_feature", "attn_error", "mlp_feat
 FEATURE_KINDS = ("attn_feature", "mlp_feature")
 
 
+def skip_weight(transcoder) -> Tensor | None:
+    """A skip transcoder's ``W_skip`` (``[d_out, d_in]``, sae-lens's layout: the skip term is ``x @ W_skip.T``)."""
+    return getattr(transcoder, "W_skip", None) if transcoder is not None else None
+
+
 def attn_stage(layer: int) -> int:
     return 2 * layer + 1
 
@@ -162,8 +167,17 @@ class LinearisedModel:
         self.scale_ln1 = torch.stack([c[f"blocks.{l}.ln1.hook_scale"][:, 0] for l in range(self.n_layers)])
         self.scale_ln2 = torch.stack([c[f"blocks.{l}.ln2.hook_scale"][:, 0] for l in range(self.n_layers)])
         self.scale_final = c["ln_final.hook_scale"][:, 0]
-        # stage -> attention layer whose output passes through (no attention SAE there), in stage order
-        self.linear_stages: dict[int, int] = {attn_stage(l): l for l in range(self.n_layers) if l not in suite.attn_saes}
+        # Stages that write a linear map of the residual before them, -> their layer: an attention layer without
+        # an SAE (odd stage, passed through) or a skip transcoder's W_skip path (even stage), in stage order.
+        self.linear_stages: dict[int, int] = {}
+        for l in range(self.n_layers):
+            if l not in suite.attn_saes:
+                self.linear_stages[attn_stage(l)] = l
+            if skip_weight(suite.transcoders.get(l)) is not None:
+                self.linear_stages[mlp_stage(l)] = l
+        # Writes of a node at stages after its own (a cross-layer transcoder's decoders into later layers), filled
+        # by ``_build_groups``: (group index, stage, directions [pos, m, d_model]).
+        self.extra_writes: list[tuple[int, int, Tensor]] = []
         self.groups: list[NodeGroup] = []
         self._build_groups()
         self._build_table()
@@ -185,8 +199,9 @@ class LinearisedModel:
                 if layer in self.suite.attn_saes:
                     self._attn_groups(layer)
                 self._mlp_groups(layer)
-        log.info("linearised model: %d positions, %d nodes (%d attention layers pass through)", self.n_pos,
-                 sum(g.n_nodes for g in self.groups), len(self.linear_stages))
+        log.info("linearised model: %d positions, %d nodes (%d attention layers pass through, %d skip paths)", self.n_pos,
+                 sum(g.n_nodes for g in self.groups), sum(t % 2 for t in self.linear_stages),
+                 sum(1 - t % 2 for t in self.linear_stages))
 
     def _attn_groups(self, layer: int) -> None:
         """Attention-SAE features of ``layer`` and its error, written through ``W_O``."""
@@ -213,7 +228,10 @@ class LinearisedModel:
         feature, act, mask, clean_pre = _pad_active(acts, pre)
         direction = tc.W_dec[feature.clamp(min=0)] * mask[..., None]
         self.groups.append(NodeGroup("mlp_feature", layer, mlp_stage(layer), feature, act, mask, clean_pre, direction))
-        self.groups.append(_vector_group("mlp_error", layer, mlp_stage(layer), out - (acts @ tc.W_dec + tc.b_dec)))
+        recon = acts @ tc.W_dec + tc.b_dec
+        if skip_weight(tc) is not None:  # the skip path is linear in the residual stream: a pass-through, not error
+            recon = recon + x @ skip_weight(tc).T
+        self.groups.append(_vector_group("mlp_error", layer, mlp_stage(layer), out - recon))
 
     def _build_table(self) -> None:
         """Concatenate every group's slots, in stage order, into one node table (groups keep views into it).
@@ -276,8 +294,11 @@ class LinearisedModel:
 
     # ------------------------------------------------------------------ pass-through attention
     def pass_through(self, stage: int, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        """The linear part of what a pass-through stage writes: frozen attention without its biases."""
+        """The linear part of what a pass-through stage writes: frozen attention without its biases, or a skip
+        transcoder's ``LN2(resid) @ W_skip^T``."""
         layer = self.linear_stages[stage]
+        if stage % 2 == 0:
+            return self.ln(resid, self.scale_ln2[layer]) @ skip_weight(self.suite.transcoders[layer]).T
         attn = self.model.blocks[layer].attn
         x = self.ln(resid, self.scale_ln1[layer])
         v = einsum(x, attn.W_V, "b k d, h d e -> b k h e")
@@ -292,6 +313,9 @@ class LinearisedModel:
         matrix products: ``W_O`` and ``W_V`` with heads concatenated, the pattern one head at a time.
         """
         layer = self.linear_stages[stage]
+        if stage % 2 == 0:  # a skip path: W_skip^T's transpose, then LayerNorm's adjoint
+            x = G @ skip_weight(self.suite.transcoders[layer])
+            return (x - x.mean(-1, keepdim=True)) / self.scale_ln2[layer][:, None]
         if layer not in self._pass_back_maps:
             attn = self.model.blocks[layer].attn
             self._pass_back_maps[layer] = (self.W_O_flat(layer).detach().T.contiguous(),  # [d_model, (h e)]
@@ -306,6 +330,11 @@ class LinearisedModel:
         v = torch.bmm(pattern_T, u).view(h, n_pos, b, e).permute(2, 1, 0, 3).reshape(b * n_pos, h * e)  # [(b k), (h e)]
         x = (v @ W_V_flat).view(b, n_pos, d)
         return (x - x.mean(-1, keepdim=True)) / self.scale_ln1[layer][:, None]
+
+    @property
+    def needs_descent(self) -> bool:
+        """Whether a reader's vector differs from stage to stage below it (pass-through paths, later writes)."""
+        return bool(self.linear_stages or self.extra_writes)
 
     def descend(self, g: Float[Tensor, "batch pos d_model"], stage: Int[Tensor, "batch"],
                 top: int | None = None) -> Iterator[tuple[int, Float[Tensor, "batch pos d_model"]]]:

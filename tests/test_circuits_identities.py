@@ -10,6 +10,7 @@ layer without an attention SAE runs its real attention (pattern and scale frozen
 transcoder has its MLP output frozen at the clean value.
 """
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,7 +31,7 @@ from saes.testing import make_suite
 
 PROMPT = "import os\nfor i in range(3):"
 TOL = 1e-9
-SELECTIONS = ["all", "mlp", "attn", "attn1,mlp0", "attn0,mlp1"]
+SELECTIONS = ["all", "mlp", "attn", "attn1,mlp0", "attn0,mlp1", "all+skip", "mlp+skip"]
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +45,24 @@ def full_suite():
     return suite
 
 
+def with_skip(suite, seed=11):
+    """The suite with copies of its transcoders given a random ``W_skip`` (``[d_out, d_in]``, sae-lens's layout)."""
+    gen = torch.Generator().manual_seed(seed)
+    transcoders = {}
+    for layer, tc in suite.transcoders.items():
+        tc = copy.deepcopy(tc)
+        W = 0.3 * torch.randn(tc.W_dec.shape[1], tc.W_enc.shape[0], generator=gen, dtype=tc.W_dec.dtype)
+        tc.W_skip = torch.nn.Parameter(W, requires_grad=False)
+        transcoders[layer] = tc
+    return Suite(name=suite.name + "-skip", model=suite.model, attn_saes=dict(suite.attn_saes), transcoders=transcoders,
+                 info=suite.info)
+
+
 @pytest.fixture(scope="module", params=SELECTIONS)
 def suite(request, full_suite):
-    return full_suite.select(request.param)
+    spec, _, skip = request.param.partition("+")
+    part = full_suite.select(spec)
+    return with_skip(part) if skip else part
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +118,8 @@ def rel(a, b, scale):
 
 
 def pass_through_below(lm, stage):
-    return any(t < stage for t in lm.linear_stages)
+    """Whether an attention layer below ``stage`` passes through (odd stages; even ones are skip paths)."""
+    return any(t < stage and t % 2 == 1 for t in lm.linear_stages)
 
 
 # ---------------------------------------------------------------------------------- the linearised model
@@ -233,12 +250,14 @@ def frozen_real_run(lm, bump=None, factor=1.0):
         tc = suite.transcoders[layer]
         x = c[f"blocks.{layer}.ln2.hook_normalized"]
         acts = encode(tc, x).clone()
-        err = c[hook.name] - decode(tc, acts)
+        W_skip = getattr(tc, "W_skip", None)
+        err = c[hook.name] - decode(tc, acts) - (x @ W_skip.T if W_skip is not None else 0.0)
+        skip = seen[f"blocks.{layer}.ln2.hook_normalized"] @ W_skip.T if W_skip is not None else 0.0  # live: linear
         if bump is not None and bump[0] == "mlp_feature" and bump[1] == layer:
             acts[bump[2], bump[3]] *= factor
         if is_bumped("mlp_error", layer, bump[2] if bump else -1):
             err[bump[2]] *= factor
-        return (decode(tc, acts) + err)[None]
+        return (decode(tc, acts) + skip + err)[None]
 
     def capture(x, hook):
         seen[hook.name] = x[0]
@@ -403,7 +422,7 @@ def test_causality(lm, suite):
         assert stage_of(s) < stage_of(col)
         assert index.pos[s] <= index.pos[col]
         # only attention moves information across positions: an SAE's heads, or a pass-through layer between
-        between = any(stage_of(s) < t < stage_of(col) for t in lm.linear_stages)
+        between = any(stage_of(s) < t < stage_of(col) and t % 2 == 1 for t in lm.linear_stages)
         if index.kind(col) == "mlp_feature" and not between:
             assert index.pos[s] == index.pos[col], "only attention moves information across positions"
         if index.kind(col) == "attn_feature":
@@ -544,7 +563,7 @@ def exact_suite(seed=0):
     return Suite(name="exact", model=model, attn_saes=attn, transcoders=mlp)
 
 
-@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("selection", [s for s in SELECTIONS if "+" not in s])
 def test_error_free_limit(selection):
     """Perfect dictionaries leave every error node at zero; the replacement score is 1 exactly where no MLP output
     is frozen (a layer without a transcoder counts as unexplained, like an error)."""
@@ -581,7 +600,7 @@ def test_qk_pairs_sum_to_the_score_with_biases_and_positions(lm, suite):
     scale = lm.scale_ln1[target.layer]
     for cols, pos, marginal, W, other in ((qk.query_cols, target.query_pos, qk.query_marginal, attn.W_Q[target.head], k_clean),
                                           (qk.key_cols, target.key_pos, qk.key_marginal, attn.W_K[target.head], q_clean)):
-        if not pass_through_below(lm, target.stage(lm)):  # else the intervention test checks the marginals
+        if not any(t < target.stage(lm) for t in lm.linear_stages):  # else the intervention test checks the marginals
             writes = index.unit_writes(cols) * index.activation[cols][:, None]
             centred = writes - writes.mean(-1, keepdim=True)
             expect = (centred / scale[pos]) @ W @ other / lm.cfg.attn_scale

@@ -313,7 +313,10 @@ def _direct_effects_descending(lm: LinearisedModel, index: NodeIndex, rv: Readin
         for i, group in lm.groups_at(t):
             if group.n_nodes:
                 dots = lm.unit_dots(group, G) * group.activation  # [batch, pos, m]
-                out[:, index.columns(i)] = dots.flatten(1)[:, index.flat[i]]
+                out[:, index.columns(i)] += dots.flatten(1)[:, index.flat[i]]
+        for i, dirs in lm.extra_at.get(t, []):  # a cross-layer transcoder's writes into later layers
+            dots = einsum(G, dirs, "b p d, p m d -> b p m") * lm.groups[i].activation
+            out[:, index.columns(i)] += dots.flatten(1)[:, index.flat[i]]
     return out
 
 
@@ -339,22 +342,33 @@ class KeptSources:
     below: list[list[int]]
     dropped: Float[Tensor, "stages pos d_model"]
     dropped_at: Float[Tensor, "stages pos d_model"]  # ``dropped_at[t + 1]``: the dropped writes of stage t alone
+    extra: list[tuple[int, Tensor, Tensor]] | None = None  # (stage, rows into ``writes``, their writes there)
     by_stage: dict | None = None  # made by ``stage_layout`` when first needed
 
     def stage_layout(self, n_pos: int) -> dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Per stage with kept sources: their writes padded by position ``[pos, m, d_model]``, and for each source
         its position, its slot there and its row in ``writes``, so that one batched product per stage meets them
-        with the reading vectors of that stage at every position."""
+        with the reading vectors of that stage at every position. A cross-layer transcoder's feature is in the
+        layout of each stage it writes (``extra``)."""
         if self.by_stage is None:
             self.by_stage = {}
+            parts: dict[int, list[tuple[Tensor, Tensor]]] = {}
             for t in self.stage.unique().tolist():
-                rows = (self.stage == t).nonzero()[:, 0]  # sorted by position (``writes`` is)
+                rows = (self.stage == t).nonzero()[:, 0]
+                parts.setdefault(t, []).append((rows, self.writes[rows]))
+            for t, rows, w in self.extra or []:
+                parts.setdefault(t, []).append((rows, w))
+            for t, chunks in parts.items():
+                rows = torch.cat([r for r, _ in chunks])
+                w = torch.cat([x for _, x in chunks])
+                order = torch.argsort(self.pos[rows], stable=True)
+                rows, w = rows[order], w[order]
                 pos = self.pos[rows]
                 counts = torch.bincount(pos, minlength=n_pos)
                 first = torch.cumsum(counts, 0) - counts
                 slot = torch.arange(len(rows), device=rows.device) - first[pos]
                 padded = self.writes.new_zeros(n_pos, int(counts.max()), self.writes.shape[1])
-                padded[pos, slot] = self.writes[rows]
+                padded[pos, slot] = w
                 self.by_stage[t] = (padded, pos, slot, rows)
         return self.by_stage
 
@@ -380,8 +394,25 @@ def kept_sources(lm: LinearisedModel, index: NodeIndex, kept: Bool[Tensor, "n"])
         if drop.any():
             act = torch.where(drop, group.activation, torch.zeros_like(group.activation))
             per_stage[group.stage + 1] += lm.write(group, act[None])[0]
+    # A cross-layer transcoder's writes into later layers: the kept features' rows there, the dropped ones' sum.
+    extra = []
+    where = torch.full((index.n,), -1, dtype=torch.long, device=lm.device)
+    where[sorted_cols] = torch.arange(len(sorted_cols), device=lm.device)
+    for i, t, dirs in lm.extra_writes:
+        group, cols_i = lm.groups[i], index.columns(i)
+        kept_i = kept[cols_i].nonzero()[:, 0]
+        node = kept_i + cols_i.start
+        if len(node):
+            w = dirs[index.pos[node], index.slot[node]] * index.activation[node][:, None]
+            extra.append((t, where[node], w))
+        drop = torch.zeros(group.mask.numel(), dtype=torch.bool, device=lm.device)
+        drop[index.flat[i]] = ~kept[cols_i]
+        drop = drop.view_as(group.mask)
+        if drop.any():
+            act = torch.where(drop, group.activation, torch.zeros_like(group.activation))
+            per_stage[t + 1] += einsum(act, dirs, "p m, p m d -> p d")
     return KeptSources(cols, writes, pos, stage, torch.argsort(order), starts, below.tolist(), torch.cumsum(per_stage, 0),
-                       per_stage)
+                       per_stage, extra)
 
 
 @dataclass
@@ -467,7 +498,7 @@ def _edge_rows_descending(lm: LinearisedModel, sources: KeptSources, readers: li
         if t in layout:
             padded, pos, slot, rows = layout[t]
             dots = torch.bmm(G.transpose(0, 1), padded.transpose(1, 2))  # [pos, batch, m]
-            kept[:, rows] = dots[pos, :, slot].T
+            kept[:, rows] += dots[pos, :, slot].T
     return EdgeRows(kept.index_select(1, sources.unsort), remainder, constant)
 
 
@@ -490,12 +521,18 @@ def hierarchical_attribution(lm: LinearisedModel, index: NodeIndex, target: Targ
     G = reading_vectors(lm, [target]).g
     kept = torch.zeros(index.n, dtype=torch.bool, device=lm.device)
     influence = torch.zeros(index.n, dtype=lm.dtype, device=lm.device)
+    pending: dict[int, Tensor] = {}  # what a cross-layer transcoder's features get from their writes into later layers
     for stage in tqdm(range(target.stage(lm) - 1, -1, -1), desc="hierarchical attribution", disable=not progress, leave=False):
         G_stage = torch.zeros_like(G)
+        for i, dirs in lm.extra_at.get(stage, []):
+            part = (einsum(G, dirs, "b p d, p m d -> b p m") * lm.groups[i].activation)[0]
+            pending[i] = pending[i] + part if i in pending else part
         for i, group in lm.groups_at(stage):
             if group.n_nodes == 0:
                 continue
             T = (lm.unit_dots(group, G) * group.activation)[0]  # [pos, m]
+            if i in pending:
+                T = T + pending.pop(i)
             pos = torch.arange(lm.n_pos, device=lm.device)[:, None]
             keep = group.mask & (pos <= target.max_pos) & (T.abs() >= cut)
             cols = index.columns(i)
@@ -564,7 +601,7 @@ def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], sr
         e = (edge_layer == L).nonzero()[:, 0]
         if len(e) == 0:
             continue
-        if any(t < attn_stage(L) for t in lm.linear_stages):
+        if any(t < attn_stage(L) for t in [*lm.linear_stages, *lm.extra_at]):
             parts[e] = _head_parts_descending(lm, readers, src[e], dst[e], sources, batch_size)
             continue
         rows, r_local = torch.unique(dst[e], return_inverse=True)

@@ -71,8 +71,28 @@ def run_spliced(lm: LinearisedModel, target: Target, ablation: Ablation) -> floa
     def capture_ln2(x, hook):
         seen[f"ln2.{hook.layer()}"] = x[0]
 
+    clt_acts: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (activations, after ablation)
+
+    def splice_clt(out, hook):
+        """A cross-layer transcoder: this layer's features, then every layer <= this one written into its output."""
+        layer, clt = hook.layer(), suite.clt
+        x = seen[f"ln2.{layer}"]
+        if isinstance(target, FeatureTarget) and target.kind == "mlp_feature" and target.layer == layer:
+            seen["metric"] = clt.pre_activation(layer, x)[target.pos, target.feature]
+        acts = clt.encode(layer, x)
+        keep = ablation.features.get(("mlp_feature", layer))
+        clt_acts[layer] = (acts, acts if keep is None else acts * keep)
+        full = clt.b_dec[layer] + sum(clt_acts[l][0] @ clt.W_dec[l][:, layer - l] for l in range(layer + 1))
+        kept = clt.b_dec[layer] + sum(clt_acts[l][1] @ clt.W_dec[l][:, layer - l] for l in range(layer + 1))
+        error = out[0] - full
+        keep_err = ablation.errors.get(("mlp_feature", layer))
+        error = error if keep_err is None else error * keep_err[:, None]
+        return (kept + error)[None]
+
     def splice_mlp(out, hook):
         layer = hook.layer()
+        if suite.clt is not None:
+            return splice_clt(out, hook)
         if layer not in suite.transcoders:  # the whole output is one node per position
             keep_out = ablation.errors.get(("mlp_output", layer))
             return out if keep_out is None else out * keep_out[:, None]
@@ -117,10 +137,12 @@ def run_spliced(lm: LinearisedModel, target: Target, ablation: Ablation) -> floa
 def ablation_keeping(lm: LinearisedModel, nodes: list[dict], complement: bool = False) -> Ablation:
     """Keep exactly the feature and error ``nodes`` (or, with ``complement``, everything but them)."""
     features, errors = {}, {}
+    clt = lm.suite.clt
+    mlp = {l: lm.dictionary("mlp_feature", l) for l in range(lm.n_layers)} if clt is not None else lm.suite.transcoders
     for layer in range(lm.n_layers):
-        if layer not in lm.suite.transcoders:
+        if layer not in mlp:
             errors[("mlp_output", layer)] = torch.full((lm.n_pos,), complement, dtype=torch.bool, device=lm.device)
-        for kind, store in (("attn_feature", lm.suite.attn_saes), ("mlp_feature", lm.suite.transcoders)):
+        for kind, store in (("attn_feature", lm.suite.attn_saes), ("mlp_feature", mlp)):
             if layer not in store:
                 continue
             d_sae = store[layer].cfg.d_sae

@@ -24,7 +24,11 @@ for attention-SAE nodes):
    ``b_O + sum_h b_V[h] W_O[h]`` (the pattern's rows sum to 1). That stage has no nodes; a reader above it
    reads every earlier write both directly and through the map (``linear_stages``, and its transpose
    ``pass_back`` in ``descend``). Where a layer has no transcoder, its whole MLP output at each position is one
-   frozen node (kind ``mlp_output``), like an error node, and the stage writes no constant.
+   frozen node (kind ``mlp_output``), like an error node, and the stage writes no constant. A skip
+   transcoder's ``x @ W_skip.T`` is another such linear map, at its MLP stage.
+8. A cross-layer transcoder (``suite.clt``) replaces every MLP: a feature of layer l is a node at layer l's MLP
+   stage that also writes into every later MLP output (``extra_writes``: its decoder rows into layers > l at
+   their stages); each layer's error is its MLP output minus the sum of every earlier layer's writes into it.
 
 Each node group is stored padded by position (``[pos, m]``, ``m`` the most active features at one position)
 so that batched contractions never materialise a ``[batch, nodes, d_model]`` tensor. The write directions
@@ -50,6 +54,18 @@ log = logging.getLogger(__name__)
 
 NodeKind = Literal["embed", "pos_embed", "attn_feature", "attn_error", "mlp_feature", "mlp_error", "mlp_output"]
 FEATURE_KINDS = ("attn_feature", "mlp_feature")
+
+
+class CLTLayerView:
+    """Layer ``layer`` of a cross-layer transcoder seen as one dictionary's encoder, in canonical form
+    (``W_enc [d_model, d_sae]``, ``b_enc``, ``threshold``, ``cfg.d_sae``, ``cfg.k``): what readers of its features use."""
+
+    def __init__(self, clt, layer: int):
+        self.W_enc = clt.W_enc[layer]
+        self.b_enc = clt.b_enc[layer]
+        if clt.threshold is not None:
+            self.threshold = clt.threshold[layer]
+        self.cfg = clt.cfg
 
 
 def skip_weight(transcoder) -> Tensor | None:
@@ -178,8 +194,13 @@ class LinearisedModel:
         # Writes of a node at stages after its own (a cross-layer transcoder's decoders into later layers), filled
         # by ``_build_groups``: (group index, stage, directions [pos, m, d_model]).
         self.extra_writes: list[tuple[int, int, Tensor]] = []
+        self.extra_at: dict[int, list[tuple[int, Tensor]]] = {}  # the same by stage: (group index, directions)
+        self._clt_views: dict[int, CLTLayerView] = {}
+        self._clt_acts: dict[int, Tensor] = {}
         self.groups: list[NodeGroup] = []
         self._build_groups()
+        for i, t, dirs in self.extra_writes:
+            self.extra_at.setdefault(t, []).append((i, dirs))
         self._build_table()
         self._const_writes = self._constant_writes()
         self._value_readers: dict[int, Tensor] = {}
@@ -218,6 +239,9 @@ class LinearisedModel:
     def _mlp_groups(self, layer: int) -> None:
         """Transcoder features of ``layer`` and its error; without a transcoder, the frozen MLP output."""
         out = self.cache[f"blocks.{layer}.hook_mlp_out"]
+        if self.suite.clt is not None:
+            self._clt_groups(layer, out)
+            return
         if layer not in self.suite.transcoders:
             self.groups.append(_vector_group("mlp_output", layer, mlp_stage(layer), out))
             return
@@ -231,6 +255,24 @@ class LinearisedModel:
         recon = acts @ tc.W_dec + tc.b_dec
         if skip_weight(tc) is not None:  # the skip path is linear in the residual stream: a pass-through, not error
             recon = recon + x @ skip_weight(tc).T
+        self.groups.append(_vector_group("mlp_error", layer, mlp_stage(layer), out - recon))
+
+    def _clt_groups(self, layer: int, out: Float[Tensor, "pos d_model"]) -> None:
+        """A cross-layer transcoder's features of ``layer`` (writes into this layer and, as ``extra_writes``, every
+        later one) and the layer's error (the MLP output minus what every layer <= this one writes into it)."""
+        clt = self.suite.clt
+        x = self.cache[f"blocks.{layer}.ln2.hook_normalized"]
+        pre = clt.pre_activation(layer, x)
+        acts = clt.encode(layer, x)
+        self._clt_acts[layer] = acts
+        feature, act, mask, clean_pre = _pad_active(acts, pre)
+        dirs = clt.W_dec[layer][feature.clamp(min=0)] * mask[..., None, None]  # [pos, m, n_layers - layer, d_model]
+        index = len(self.groups)
+        self.groups.append(NodeGroup("mlp_feature", layer, mlp_stage(layer), feature, act, mask, clean_pre,
+                                     dirs[:, :, 0].contiguous()))
+        for j in range(1, dirs.shape[2]):
+            self.extra_writes.append((index, mlp_stage(layer + j), dirs[:, :, j].contiguous()))
+        recon = clt.b_dec[layer] + sum(self._clt_acts[l] @ clt.W_dec[l][:, layer - l] for l in range(layer + 1))
         self.groups.append(_vector_group("mlp_error", layer, mlp_stage(layer), out - recon))
 
     def _build_table(self) -> None:
@@ -268,7 +310,9 @@ class LinearisedModel:
                     out[attn_stage(layer)] = self.suite.attn_saes[layer].b_dec @ self.W_O_flat(layer) + attn.b_O
                 else:  # passed through: b_V reaches the output through the frozen pattern, whose rows sum to 1
                     out[attn_stage(layer)] = attn.b_V.flatten() @ self.W_O_flat(layer) + attn.b_O
-                if layer in self.suite.transcoders:
+                if self.suite.clt is not None:
+                    out[mlp_stage(layer)] = self.suite.clt.b_dec[layer]
+                elif layer in self.suite.transcoders:
                     out[mlp_stage(layer)] = self.suite.transcoders[layer].b_dec
         return out
 
@@ -286,6 +330,10 @@ class LinearisedModel:
         return found
 
     def dictionary(self, kind: str, layer: int):
+        if kind != "attn_feature" and self.suite.clt is not None:
+            if layer not in self._clt_views:
+                self._clt_views[layer] = CLTLayerView(self.suite.clt, layer)
+            return self._clt_views[layer]
         store = self.suite.attn_saes if kind == "attn_feature" else self.suite.transcoders
         if layer not in store:
             raise ValueError(f"the suite has no {'attention SAE' if kind == 'attn_feature' else 'transcoder'} at layer {layer}; "
@@ -441,6 +489,7 @@ class LinearisedModel:
         """
         delta = delta or {}
         resid = torch.zeros(batch, self.n_pos, self.cfg.d_model, dtype=self.dtype, device=self.device)
+        acts: dict[int, Tensor] = {}
         for stage in range(stage_limit):
             writes = self.constant_write(stage).expand_as(resid)
             if stage in self.linear_stages:
@@ -449,7 +498,10 @@ class LinearisedModel:
                 act = self.group_pre(group, resid) if (chain and group.is_feature) else group.activation.expand(batch, -1, -1)
                 if i in delta:
                     act = act + delta[i]
+                acts[i] = act
                 writes = writes + self.write(group, act)
+            for i, dirs in self.extra_at.get(stage, []):  # a cross-layer transcoder's later writes
+                writes = writes + einsum(acts[i], dirs, "b p m, p m d -> b p d")
             resid = resid + writes
         return resid
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from einops import einsum
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -56,7 +57,7 @@ def qk_decomposition(lm: LinearisedModel, index: NodeIndex, target: AttentionSco
         sides = []
         for pos, W, b in ((target.query_pos, attn.W_Q[target.head], attn.b_Q[target.head]),
                           (target.key_pos, attn.W_K[target.head], attn.b_K[target.head])):
-            if any(t < stage for t in lm.linear_stages):
+            if any(t < stage for t in [*lm.linear_stages, *lm.extra_at]):
                 sides.append(_side_through_pass_through(lm, index, target.layer, pos, W, b, stage))
                 continue
             cols = ((index.pos == pos) & (index.stage < stage)).nonzero()[:, 0]
@@ -89,6 +90,9 @@ def _side_through_pass_through(lm: LinearisedModel, index: NodeIndex, layer: int
         for i, group in lm.groups_at(t):
             if group.n_nodes:
                 dots = lm.unit_dots(group, G) * group.activation  # [d_head, pos, m]
-                effects[index.columns(i)] = dots.flatten(1)[:, index.flat[i]].T
+                effects[index.columns(i)] += dots.flatten(1)[:, index.flat[i]].T
+        for i, dirs in lm.extra_at.get(t, []):  # a cross-layer transcoder's writes into later layers
+            dots = einsum(G, dirs, "b p d, p m d -> b p m") * lm.groups[i].activation
+            effects[index.columns(i)] += dots.flatten(1)[:, index.flat[i]].T
     cols = ((index.pos <= pos) & (index.stage < stage)).nonzero()[:, 0]
     return cols, torch.cat([effects[cols], constant[None]])

@@ -39,10 +39,13 @@ class Suite:
     attn_saes: dict[int, Any]
     transcoders: dict[int, Any]
     info: dict[str, Any] = field(default_factory=dict)
+    clt: Any = None  # an optional saes.clt.CrossLayerTranscoder over every MLP layer
 
     def __post_init__(self) -> None:
         for sae in [*self.attn_saes.values(), *self.transcoders.values()]:
             check_fits(self.model, sae)
+        if self.clt is not None:
+            check_clt_fits(self.model, self.clt)
 
     @property
     def n_layers(self) -> int:
@@ -73,19 +76,27 @@ class Suite:
         attn, mlp = parse_dictionaries(spec, self.n_layers)
         # a family named whole (``attn``, ``all``) takes the layers the suite has; a layer named by number must exist
         missing = [f"attn{l}" for l in sorted(attn) if l not in self.attn_saes]
-        missing += [f"mlp{l}" for l in sorted(mlp) if l not in self.transcoders]
+        missing += [f"mlp{l}" for l in sorted(mlp) if l not in self.transcoders and self.clt is None]
         explicit = [m for m in missing if _named_explicitly(spec, m)]
         if explicit:
             raise ValueError(f"--dictionaries {spec!r}: suite {self.name!r} has no {', '.join(explicit)}; "
                                  f"it has {', '.join(self.dictionaries()) or 'no dictionaries'}")
+        clt = None
+        if self.clt is not None and mlp:  # a cross-layer transcoder is one dictionary over every MLP layer
+            if mlp != set(range(self.n_layers)):
+                raise ValueError(f"--dictionaries {spec!r}: suite {self.name!r} has a cross-layer transcoder, which is kept "
+                                 f"whole or not at all; name mlp (every layer) or no mlp layer")
+            clt = self.clt
         info = {**self.info, "dictionaries": spec}
         return Suite(name=self.name, model=self.model, attn_saes={l: d for l, d in self.attn_saes.items() if l in attn},
-                     transcoders={l: d for l, d in self.transcoders.items() if l in mlp}, info=info)
+                     transcoders={l: d for l, d in self.transcoders.items() if l in mlp}, info=info, clt=clt)
 
     def to(self, device: str | torch.device) -> "Suite":
         self.model.to(device, print_details=False)
         for sae in [*self.attn_saes.values(), *self.transcoders.values()]:
             sae.to(device)
+        if self.clt is not None:
+            self.clt.to(device)
         return self
 
     def tokens(self, prompt: str, max_len: int | None = None) -> Float[Tensor, "1 pos"]:
@@ -133,6 +144,22 @@ def check_fits(model, sae) -> None:
     meta_model = spec.model_name
     if meta_model and name and _official_name(meta_model) != _official_name(name):
         log.warning("dictionary %s says it was trained on %r, the model is %r", spec.name, meta_model, name)
+
+
+def check_clt_fits(model, clt) -> None:
+    """Raise a ValueError if a cross-layer transcoder does not span the model's layers at its hooks' widths."""
+    name = getattr(model.cfg, "model_name", "model")
+    if clt.n_layers != model.cfg.n_layers:
+        raise ValueError(f"the cross-layer transcoder spans {clt.n_layers} layers but {name!r} has {model.cfg.n_layers}; "
+                         f"use a CLT trained for this model")
+    for layer in (0, clt.n_layers - 1):
+        for side, hook in (("input", clt.hook_in(layer)), ("output", clt.hook_out(layer))):
+            width = hook_width(model, hook) if hook in model.hook_dict else None
+            if width is None:
+                raise ValueError(f"the cross-layer transcoder's {side} hook {hook!r} is not a hook of {name!r}")
+            if width != clt.cfg.d_model:
+                raise ValueError(f"the cross-layer transcoder's {side} width is {clt.cfg.d_model} but {name!r} has width "
+                                 f"{width} at {hook}; the CLT was trained for another model")
 
 
 def _official_name(name: str) -> str:

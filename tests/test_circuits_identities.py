@@ -22,7 +22,7 @@ from circuits.attribution import (ExactnessError, NodeIndex, _edge_rows_descendi
                                   kept_sources, reading_vectors)
 from circuits.graph import build_circuit
 from circuits.influence import graph_scores
-from circuits.linear_model import LinearisedModel, attn_stage
+from circuits.linear_model import LinearisedModel, attn_stage, mlp_stage
 from circuits.qk import qk_decomposition
 from circuits.targets import AttentionScoreTarget, DirectionTarget, FeatureTarget, LogitTarget, read_targets
 from saes.dictionary import DictionarySpec, build_dictionary, decode, encode
@@ -31,7 +31,7 @@ from saes.testing import make_suite
 
 PROMPT = "import os\nfor i in range(3):"
 TOL = 1e-9
-SELECTIONS = ["all", "mlp", "attn", "attn1,mlp0", "attn0,mlp1", "all+skip", "mlp+skip"]
+SELECTIONS = ["all", "mlp", "attn", "attn1,mlp0", "attn0,mlp1", "all+skip", "mlp+skip", "all+clt", "mlp+clt"]
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +58,28 @@ def with_skip(suite, seed=11):
                  info=suite.info)
 
 
+def with_clt(suite, d_sae=24, seed=12):
+    """The suite with a random cross-layer transcoder (ReLU, random biases) in place of its transcoders."""
+    from saes.clt import CLTConfig, CrossLayerTranscoder
+
+    cfg = suite.model.cfg
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=cfg.n_layers, d_model=cfg.d_model, d_sae=d_sae), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / cfg.d_model**0.5)
+        clt.b_enc.add_(0.1)  # so that about half the features fire
+    for p in clt.parameters():
+        p.requires_grad_(False)
+    return Suite(name=suite.name + "-clt", model=suite.model, attn_saes=dict(suite.attn_saes), transcoders={},
+                 info=suite.info, clt=clt)
+
+
 @pytest.fixture(scope="module", params=SELECTIONS)
 def suite(request, full_suite):
-    spec, _, skip = request.param.partition("+")
+    spec, _, extra = request.param.partition("+")
     part = full_suite.select(spec)
-    return with_skip(part) if skip else part
+    return with_skip(part) if extra == "skip" else with_clt(part) if extra == "clt" else part
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +95,8 @@ def active_feature(lm, kind, layer, pos=-1, rank=0):
 
 
 def has(suite, kind, layer):
+    if kind != "attn_feature" and suite.clt is not None:
+        return True
     return layer in (suite.attn_saes if kind == "attn_feature" else suite.transcoders)
 
 
@@ -140,7 +159,11 @@ def test_fixture_has_the_biases_that_could_break_things(full_suite, suite, lm):
 
 
 def test_partial_suites_have_the_nodes_they_should(suite, lm):
-    """Pass-through attention has no nodes; an MLP without a transcoder is one ``mlp_output`` node per position."""
+    """Pass-through attention has no nodes; an MLP without a transcoder is one ``mlp_output`` node per position; a
+    cross-layer transcoder's features of layer l write into every MLP output from l on."""
+    if suite.clt is not None:
+        assert sorted(t for _, t, _ in lm.extra_writes) == sorted(mlp_stage(L) for l in range(lm.n_layers)
+                                                                  for L in range(l + 1, lm.n_layers))
     for layer in range(lm.n_layers):
         kinds = {g.kind for g in lm.groups if g.layer == layer}
         assert ({"attn_feature", "attn_error"} <= kinds) == has(suite, "attn_feature", layer)
@@ -242,6 +265,16 @@ def frozen_real_run(lm, bump=None, factor=1.0):
 
     def mlp_hook(out, hook):
         layer = hook.layer()
+        if suite.clt is not None:  # every layer <= this one writes into its output, with frozen activations
+            clt = suite.clt
+            acts = {l: clt.encode(l, c[f"blocks.{l}.ln2.hook_normalized"]).clone() for l in range(layer + 1)}
+            recon = lambda a: clt.b_dec[layer] + sum(a[l] @ clt.W_dec[l][:, layer - l] for l in range(layer + 1))
+            err = c[hook.name] - recon(acts)
+            if bump is not None and bump[0] == "mlp_feature" and bump[1] <= layer:
+                acts[bump[1]][bump[2], bump[3]] *= factor
+            if is_bumped("mlp_error", layer, bump[2] if bump else -1):
+                err[bump[2]] *= factor
+            return (recon(acts) + err)[None]
         if layer not in suite.transcoders:  # one frozen node per position
             frozen = c[hook.name].clone()
             if is_bumped("mlp_output", layer, bump[2] if bump else -1):

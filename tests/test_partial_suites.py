@@ -58,17 +58,23 @@ def test_cli_refuses_a_bad_spec_in_one_line(capsys):
     assert err.startswith("circuits trace: error: --dictionaries") and "range is empty" in err
 
 
-@pytest.mark.parametrize("selection", ["mlp", "attn", "attn1,mlp0", "none"])
+@pytest.mark.parametrize("selection", ["mlp", "attn", "attn1,mlp0", "none", "all+skip", "mlp+clt"])
 def test_spliced_model_with_nothing_ablated_is_the_model(selection):
     """Faithfulness splices only the suite's dictionaries: with nothing ablated it is the model itself; with
-    everything ablated a missing transcoder's whole MLP output is gone (it is one node per position)."""
-    suite = make_suite(n_layers=2, d_sae=32, dtype=torch.float64, seed=3).select(selection)
+    everything ablated a missing transcoder's whole MLP output is gone (it is one node per position). Skip
+    transcoders and cross-layer transcoders are spliced too."""
+    from test_circuits_identities import with_clt, with_skip
+
+    spec, _, extra = selection.partition("+")
+    suite = make_suite(n_layers=2, d_sae=32, dtype=torch.float64, seed=3).select(spec)
+    suite = with_skip(suite) if extra == "skip" else with_clt(suite) if extra == "clt" else suite
     lm = LinearisedModel(suite, suite.tokens(PROMPT))
     toks = suite.model.to_tokens(PROMPT)[0]
     target = LogitTarget((int(toks[3]), int(toks[5])), (1.0, -1.0), lm.n_pos - 1)
     assert run_spliced(lm, target, Ablation({}, {})) == pytest.approx(target.clean_value(lm), abs=1e-10)
     empty = ablation_keeping(lm, [])
-    assert {k for k in empty.errors if k[0] == "mlp_output"} == {("mlp_output", l) for l in range(2) if l not in suite.transcoders}
+    assert {k for k in empty.errors if k[0] == "mlp_output"} == {("mlp_output", l) for l in range(2)
+                                                                  if l not in suite.transcoders and suite.clt is None}
     a = attribute(lm, target, threshold=0.0, progress=False)
     circuit = build_circuit(lm, a, PROMPT, suite.name)
     kept_all = ablation_keeping(lm, [n for n in circuit.nodes if n["kind"] != "target"])

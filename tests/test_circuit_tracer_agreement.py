@@ -1,6 +1,9 @@
 """Agreement, edge for edge, with circuit-tracer 0.5's ``attribute()`` on the mini model with its transcoders only.
 
-Both implementations build the same local replacement model (attention patterns and LayerNorm scales frozen,
+The comparison runs on mini's own transcoders, on copies of them given a random skip connection (``W_skip``,
+a linear path that both sides carry back through, not part of the error) and on a random ReLU cross-layer
+transcoder in their place (a feature writes into its layer and every later one). Both implementations build
+the same local replacement model (attention patterns and LayerNorm scales frozen,
 MLPs replaced by transcoders plus error terms) and compute direct effects in it: circuit-tracer by injecting
 encoder or logit vectors as gradients in the real model and backpropagating through frozen attention; this
 project by carrying reading vectors back through pass-through attention in closed form
@@ -63,15 +66,44 @@ PROMPT = "import os\nimport sys\n"
 REL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def both(one_torch_thread):
-    from circuit_tracer.attribution.attribute import attribute as ct_attribute
+def mini_with(kind: str):
+    """mini with its transcoders (``plt``); with copies of them given a random ``W_skip`` (``skip``); or with a
+    random ReLU cross-layer transcoder in their place (``clt``). Attention passes through in all three."""
+    import copy
 
-    from saes.suite import load_suite
+    from saes.clt import CLTConfig, CrossLayerTranscoder
+    from saes.suite import Suite, load_suite
 
     suite = load_suite("mini", dictionaries="mlp")
     for p in suite.model.parameters():
         p.requires_grad_(False)
+    if kind == "plt":
+        return suite
+    gen = torch.Generator().manual_seed(0)
+    d = suite.model.cfg.d_model
+    if kind == "skip":
+        transcoders = {}
+        for layer, tc in suite.transcoders.items():
+            tc = copy.deepcopy(tc)
+            tc.W_skip = torch.nn.Parameter(0.1 * torch.randn(d, d, generator=gen) / d**0.5, requires_grad=False)
+            transcoders[layer] = tc
+        return Suite(suite.name, suite.model, {}, transcoders, suite.info)
+    cfg = suite.model.cfg
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=cfg.n_layers, d_model=d, d_sae=96))
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / d**0.5)
+        clt.b_enc.sub_(1.0)  # a sparse code: a few features per position
+    for p in clt.parameters():
+        p.requires_grad_(False)
+    return Suite(suite.name, suite.model, {}, {}, suite.info, clt=clt)
+
+
+@pytest.fixture(scope="module", params=["plt", "skip", "clt"])
+def both(request, one_torch_thread):
+    from circuit_tracer.attribution.attribute import attribute as ct_attribute
+
+    suite = mini_with(request.param)
     tokens = suite.tokens(PROMPT)
     replacement = circuit_tracer_replacement_model(suite)
     token = int(tokens[0, -1])  # the last token's logit at the last position (any token would do)
@@ -92,6 +124,8 @@ def test_the_demeaned_logit_is_our_logit(both):
 
 
 def test_same_active_features_after_position_zero(both):
+    """The same nodes on both sides after position 0 (for mini's TopK transcoders, circuit-tracer's TopK followed by
+    a ReLU), with the same activations."""
     suite, lm, ours, graph = both
     index = ours.index
     is_feat = torch.tensor([index.kind(c) == "mlp_feature" for c in range(index.n)])

@@ -491,14 +491,19 @@ def _edge_rows_descending(lm: LinearisedModel, sources: KeptSources, readers: li
     constant = rv.h0.clone()
     layout = sources.stage_layout(lm.n_pos)
     has_dropped = sources.dropped_at.flatten(1).abs().amax(1) > 0
-    for t, G in lm.descend(rv.dense(), rv.stage):
-        constant += G.sum(1) @ lm.constant_write(t)
+    has_constant = lm._const_writes.abs().amax(1) > 0
+    # Attention is causal: only positions up to the batch's last reader position can reach it.
+    P = max(r.max_pos for r in readers) + 1
+    for t, G in lm.descend(rv.dense()[:, :P], rv.stage):
+        if has_constant[t]:
+            constant += G.sum(1) @ lm.constant_write(t)
         if has_dropped[t + 1]:
-            remainder += einsum(G, sources.dropped_at[t + 1], "b p d, p d -> b")
+            remainder += einsum(G, sources.dropped_at[t + 1, :P], "b p d, p d -> b")
         if t in layout:
             padded, pos, slot, rows = layout[t]
-            dots = torch.bmm(G.transpose(0, 1), padded.transpose(1, 2))  # [pos, batch, m]
-            kept[:, rows] += dots[pos, :, slot].T
+            seen = pos < P
+            dots = torch.bmm(G.transpose(0, 1), padded[:P].transpose(1, 2))  # [pos, batch, m]
+            kept[:, rows[seen]] += dots[pos[seen], :, slot[seen]].T
     return EdgeRows(kept.index_select(1, sources.unsort), remainder, constant)
 
 

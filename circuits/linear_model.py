@@ -357,27 +357,30 @@ class LinearisedModel:
         """The transpose of ``pass_through``: what a reading vector ``G`` on the stage's output reads on its input.
 
         Per head, ``G[q] W_O[h]^T`` at each query, spread to the keys by the frozen pattern, then ``W_V[h]^T``,
-        then the adjoint of LayerNorm with a frozen scale (centre, divide by the key's scale). Three batched
-        matrix products: ``W_O`` and ``W_V`` with heads concatenated, the pattern one head at a time.
+        then the adjoint of LayerNorm with a frozen scale (centre, divide by the key's scale): ``W_O`` and ``W_V``
+        with heads concatenated, the pattern one head at a time (no permuted copies).
         """
         layer = self.linear_stages[stage]
+        n_pos = G.shape[1]  # the first n_pos positions (later ones cannot reach readers that stop before them)
         if stage % 2 == 0:  # a skip path: W_skip^T's transpose, then LayerNorm's adjoint
             x = G @ skip_weight(self.suite.transcoders[layer])
-            return (x - x.mean(-1, keepdim=True)) / self.scale_ln2[layer][:, None]
+            return (x - x.mean(-1, keepdim=True)) / self.scale_ln2[layer][:n_pos, None]
         if layer not in self._pass_back_maps:
             attn = self.model.blocks[layer].attn
             self._pass_back_maps[layer] = (self.W_O_flat(layer).detach().T.contiguous(),  # [d_model, (h e)]
                                            rearrange(attn.W_V.detach(), "h d e -> (h e) d").contiguous(),
                                            self.patterns[layer].transpose(1, 2).contiguous())  # [h, k, q]
         W_O_T, W_V_flat, pattern_T = self._pass_back_maps[layer]
-        b, n_pos, d = G.shape
+        b, _, d = G.shape
         h = self.cfg.n_heads
-        u = (G.reshape(b * n_pos, d) @ W_O_T).view(b, n_pos, h, -1)  # [b, q, h, e]
-        e = u.shape[-1]
-        u = u.permute(2, 1, 0, 3).reshape(h, n_pos, b * e)  # [h, q, (b e)]
-        v = torch.bmm(pattern_T, u).view(h, n_pos, b, e).permute(2, 1, 0, 3).reshape(b * n_pos, h * e)  # [(b k), (h e)]
-        x = (v @ W_V_flat).view(b, n_pos, d)
-        return (x - x.mean(-1, keepdim=True)) / self.scale_ln1[layer][:, None]
+        pattern_T = pattern_T[:, :n_pos, :n_pos]
+        u = G @ W_O_T  # [b, q, (h e)]
+        e = u.shape[-1] // h
+        v = torch.empty_like(u)  # [b, k, (h e)]
+        for i in range(h):  # one head at a time: the pattern's transpose, broadcast over the batch
+            v[:, :, i * e : (i + 1) * e] = torch.matmul(pattern_T[i], u[:, :, i * e : (i + 1) * e])
+        x = v @ W_V_flat
+        return (x - x.mean(-1, keepdim=True)) / self.scale_ln1[layer][:n_pos, None]
 
     @property
     def needs_descent(self) -> bool:
@@ -391,7 +394,8 @@ class LinearisedModel:
         ``G_t[b]`` is the gradient of reader b with respect to a write at stage t, every node held fixed: reader
         b's own reading vector ``g[b]`` from its stage down, plus every path through the pass-through stages
         between t and its stage (``pass_back``). Rows of readers at a stage ``<= t`` are zero. The tensor yielded
-        is updated in place after the caller has used it; copy it to keep it.
+        is updated in place after the caller has used it; copy it to keep it. ``g`` may hold only the first
+        positions (up to the readers' last one): attention is causal, so nothing later reaches them.
         """
         top = int(stage.max()) if top is None else top
         G = torch.zeros_like(g)

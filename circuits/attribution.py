@@ -27,7 +27,15 @@ Algorithm (ATTRIBUTION.md sections 2, 3 and 5.1; Ge et al. 2024 for the hierarch
    a row over every active node. So the cost grows with the kept nodes, not with all of them. Edges into
    attention features are split by head with the closed-form per-head reading vectors (``_head_parts``); the
    parts sum to the edge.
-5. *Exactness certificate.* For every reader, the clean value from the real model's cache must equal
+5. *Pass-through layers.* Where an attention layer has no SAE (or a transcoder has a skip path), what a reader
+   reads below that stage also passes through it, so its reading vector differs from stage to stage; a cross-
+   layer transcoder's feature writes at several stages. Then every batch *descends* the stages
+   (``LinearisedModel.descend``): at stage t the readers' vectors of that stage meet the kept sources written
+   at t (one batched product over positions), the stage's constant write (into the constants) and its dropped
+   writes (into the remainders); a pass-through stage then adds its transpose to the vectors. The hierarchical
+   walk of step 3 carries its ``G`` down the same way. Edges into attention features are split by head with
+   head-restricted readers on the same descent.
+6. *Exactness certificate.* For every reader, the clean value from the real model's cache must equal
    ``sum of kept in-edges + constant + remainder``. The largest relative residual (divided by
    ``max(|h|, sum |terms|)``) is stored; above 1e-4 (float32) or 1e-9 (float64) an ``ExactnessError`` is raised.
 """

@@ -108,3 +108,20 @@ def test_mini_partial_suites_trace_with_certificates(selection, one_torch_thread
     assert 0 <= c.scores["replacement"] <= 1
     if len(suite.transcoders) == 4:  # with every MLP frozen instead, the MLP outputs take the embeddings' influence
         assert c.scores["replacement"] > 0
+
+
+@pytest.mark.slow
+def test_random_gpt2_shaped_partial_suites_certify(one_torch_thread):
+    """GPT-2 small's shapes with random weights (the benchmark's suite, 2,048-feature dictionaries), full graphs of
+    8 tokens with transcoders only, mixtures, and attention SAEs only: every reader's completeness within 1e-4."""
+    from scripts.bench_attribution import gpt2_shaped_suite
+
+    full = gpt2_shaped_suite(d_sae=2048, fire=20)
+    tokens = torch.randint(0, full.model.cfg.d_vocab, (1, 8), generator=torch.Generator().manual_seed(1))
+    for spec in ("mlp", "attn0-5,mlp", "attn", "attn3,mlp0-8"):
+        lm = LinearisedModel(full.select(spec), tokens)
+        target = LogitTarget((int(lm.clean_logits[-1].argmax()),), (1.0,), 7)
+        a = attribute(lm, target, threshold=0.0, progress=False)
+        assert a.max_relative_residual <= 1e-4
+        kinds = {a.index.kind(int(c)) for c in a.reader_cols[1:].tolist()}
+        assert kinds == {k for k, store in (("attn_feature", lm.suite.attn_saes), ("mlp_feature", lm.suite.transcoders)) if store}

@@ -27,7 +27,15 @@ Algorithm (ATTRIBUTION.md sections 2, 3 and 5.1; Ge et al. 2024 for the hierarch
    a row over every active node. So the cost grows with the kept nodes, not with all of them. Edges into
    attention features are split by head with the closed-form per-head reading vectors (``_head_parts``); the
    parts sum to the edge.
-5. *Exactness certificate.* For every reader, the clean value from the real model's cache must equal
+5. *Pass-through layers.* Where an attention layer has no SAE (or a transcoder has a skip path), what a reader
+   reads below that stage also passes through it, so its reading vector differs from stage to stage; a cross-
+   layer transcoder's feature writes at several stages. Then every batch *descends* the stages
+   (``LinearisedModel.descend``): at stage t the readers' vectors of that stage meet the kept sources written
+   at t (one batched product over positions), the stage's constant write (into the constants) and its dropped
+   writes (into the remainders); a pass-through stage then adds its transpose to the vectors. The hierarchical
+   walk of step 3 carries its ``G`` down the same way. Edges into attention features are split by head with
+   head-restricted readers on the same descent.
+6. *Exactness certificate.* For every reader, the clean value from the real model's cache must equal
    ``sum of kept in-edges + constant + remainder``. The largest relative residual (divided by
    ``max(|h|, sum |terms|)``) is stored; above 1e-4 (float32) or 1e-9 (float64) an ``ExactnessError`` is raised.
 """
@@ -44,7 +52,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuits.linear_model import LinearisedModel
+from circuits.linear_model import LinearisedModel, attn_stage
 from circuits.targets import FeatureTarget, Target, read_targets, split_heads
 
 log = logging.getLogger(__name__)
@@ -145,6 +153,7 @@ class CompactReadingVectors:
     constant: Float[Tensor, "batch"]
     stage: Int[Tensor, "batch"]
     stages: list[int]  # the same as ``stage``, as Python ints
+    h0: Float[Tensor, "batch"]  # the reader's value at a zero residual (its own biases)
 
     def dense(self) -> Float[Tensor, "batch pos d_model"]:
         g = self.local.new_zeros(len(self.stages), self.spread.shape[1], self.local.shape[1])
@@ -166,12 +175,17 @@ class CompactReadingVectors:
 
 
 def reading_vectors(lm: LinearisedModel, targets: list[Target], autograd: bool = False) -> ReadingVectors:
-    """One backward pass for all of ``targets`` (step 1 of the module docstring), as dense ``[batch, pos, d_model]``."""
+    """One backward pass for all of ``targets`` (step 1 of the module docstring), as dense ``[batch, pos, d_model]``.
+
+    ``g`` is each reader's reading vector on the residual stream just below its own stage; where attention
+    layers pass through, the vectors of lower stages follow from it by ``LinearisedModel.descend``.
+    """
     rv = compact_reading_vectors(lm, targets, autograd)
     return ReadingVectors(rv.dense(), rv.constant, rv.stage)
 
 
-def compact_reading_vectors(lm: LinearisedModel, targets: list[Target], autograd: bool = False) -> CompactReadingVectors:
+def compact_reading_vectors(lm: LinearisedModel, targets: list[Target], autograd: bool = False,
+                            constants: bool = True) -> CompactReadingVectors:
     """One backward pass for all of ``targets``, stored compactly (``CompactReadingVectors``).
 
     Feature readers, the bulk of every batch, take the backward pass of ``targets.read_targets`` written out
@@ -179,7 +193,9 @@ def compact_reading_vectors(lm: LinearisedModel, targets: list[Target], autograd
     dictionary at a time; any other target, or every target with ``autograd=True``, goes through a real backward
     pass. Both give the same reading vectors (a test); the benchmark uses ``autograd`` as its naive baseline, one
     backward pass per target. The constant of reader b is its value at a zero residual plus its reading vector
-    dotted with the constant writes of the stages it sees.
+    dotted with the constant writes of the stages it sees; where attention layers pass through, the reading
+    vector of each stage below them (``LinearisedModel.descend``), which takes a descent of its own unless
+    ``constants=False`` (the caller then computes the constants on its own descent from ``h0``).
     """
     n, d, n_pos = len(targets), lm.cfg.d_model, lm.n_pos
     opts = dict(dtype=lm.dtype, device=lm.device)
@@ -255,8 +271,14 @@ def compact_reading_vectors(lm: LinearisedModel, targets: list[Target], autograd
     own = {targets[b].pos for b in spread_rows if reads_one(targets[b])}
     reach = max((targets[b].max_pos for b in spread_rows if not reads_one(targets[b])), default=-1)
     read = [p for p in range(n_pos) if p <= reach or p in own]
-    return CompactReadingVectors(local, local_rows, [targets[b].pos for b in local_rows], spread, spread_rows, read,
-                                 constant, stage, stages)
+    rv = CompactReadingVectors(local, local_rows, [targets[b].pos for b in local_rows], spread, spread_rows, read,
+                               constant, stage, stages, h0)
+    if lm.needs_descent:
+        rv.constant = h0.clone()
+        if constants:
+            for t, G in lm.descend(rv.dense(), stage):
+                rv.constant += G.sum(1) @ lm.constant_write(t)
+    return rv
 
 
 def _runs(items: list, key) -> list[tuple[object, list[int]]]:
@@ -278,6 +300,8 @@ def direct_effects(lm: LinearisedModel, index: NodeIndex, rv: ReadingVectors) ->
     nodes of stages its reader sees.
     """
     limit = int(rv.stage.max())
+    if lm.needs_descent:
+        return _direct_effects_descending(lm, index, rv)
     dots = lm.table_dots(rv.g, limit)  # [batch, pos, slots below limit]
     n_slots = dots.shape[2]
     dots = dots * (lm.table_stage[:n_slots][None, None, :] < rv.stage[:, None, None])
@@ -287,6 +311,20 @@ def direct_effects(lm: LinearisedModel, index: NodeIndex, rv: ReadingVectors) ->
     flat = index.table_flat[keep]
     pos, slot = flat // total, flat % total
     out[:, keep] = dots[:, pos, slot]
+    return out
+
+
+def _direct_effects_descending(lm: LinearisedModel, index: NodeIndex, rv: ReadingVectors) -> Float[Tensor, "batch n"]:
+    """``direct_effects`` where attention passes through: each stage's nodes read with that stage's vectors."""
+    out = torch.zeros(rv.g.shape[0], index.n, dtype=lm.dtype, device=lm.device)
+    for t, G in lm.descend(rv.g, rv.stage):
+        for i, group in lm.groups_at(t):
+            if group.n_nodes:
+                dots = lm.unit_dots(group, G) * group.activation  # [batch, pos, m]
+                out[:, index.columns(i)] += dots.flatten(1)[:, index.flat[i]]
+        for i, dirs in lm.extra_at.get(t, []):  # a cross-layer transcoder's writes into later layers
+            dots = einsum(G, dirs, "b p d, p m d -> b p m") * lm.groups[i].activation
+            out[:, index.columns(i)] += dots.flatten(1)[:, index.flat[i]]
     return out
 
 
@@ -311,6 +349,36 @@ class KeptSources:
     starts: list[int]
     below: list[list[int]]
     dropped: Float[Tensor, "stages pos d_model"]
+    dropped_at: Float[Tensor, "stages pos d_model"]  # ``dropped_at[t + 1]``: the dropped writes of stage t alone
+    extra: list[tuple[int, Tensor, Tensor]] | None = None  # (stage, rows into ``writes``, their writes there)
+    by_stage: dict | None = None  # made by ``stage_layout`` when first needed
+
+    def stage_layout(self, n_pos: int) -> dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Per stage with kept sources: their writes padded by position ``[pos, m, d_model]``, and for each source
+        its position, its slot there and its row in ``writes``, so that one batched product per stage meets them
+        with the reading vectors of that stage at every position. A cross-layer transcoder's feature is in the
+        layout of each stage it writes (``extra``)."""
+        if self.by_stage is None:
+            self.by_stage = {}
+            parts: dict[int, list[tuple[Tensor, Tensor]]] = {}
+            for t in self.stage.unique().tolist():
+                rows = (self.stage == t).nonzero()[:, 0]
+                parts.setdefault(t, []).append((rows, self.writes[rows]))
+            for t, rows, w in self.extra or []:
+                parts.setdefault(t, []).append((rows, w))
+            for t, chunks in parts.items():
+                rows = torch.cat([r for r, _ in chunks])
+                w = torch.cat([x for _, x in chunks])
+                order = torch.argsort(self.pos[rows], stable=True)
+                rows, w = rows[order], w[order]
+                pos = self.pos[rows]
+                counts = torch.bincount(pos, minlength=n_pos)
+                first = torch.cumsum(counts, 0) - counts
+                slot = torch.arange(len(rows), device=rows.device) - first[pos]
+                padded = self.writes.new_zeros(n_pos, int(counts.max()), self.writes.shape[1])
+                padded[pos, slot] = w
+                self.by_stage[t] = (padded, pos, slot, rows)
+        return self.by_stage
 
 
 def kept_sources(lm: LinearisedModel, index: NodeIndex, kept: Bool[Tensor, "n"]) -> KeptSources:
@@ -334,7 +402,25 @@ def kept_sources(lm: LinearisedModel, index: NodeIndex, kept: Bool[Tensor, "n"])
         if drop.any():
             act = torch.where(drop, group.activation, torch.zeros_like(group.activation))
             per_stage[group.stage + 1] += lm.write(group, act[None])[0]
-    return KeptSources(cols, writes, pos, stage, torch.argsort(order), starts, below.tolist(), torch.cumsum(per_stage, 0))
+    # A cross-layer transcoder's writes into later layers: the kept features' rows there, the dropped ones' sum.
+    extra = []
+    where = torch.full((index.n,), -1, dtype=torch.long, device=lm.device)
+    where[sorted_cols] = torch.arange(len(sorted_cols), device=lm.device)
+    for i, t, dirs in lm.extra_writes:
+        group, cols_i = lm.groups[i], index.columns(i)
+        kept_i = kept[cols_i].nonzero()[:, 0]
+        node = kept_i + cols_i.start
+        if len(node):
+            w = dirs[index.pos[node], index.slot[node]] * index.activation[node][:, None]
+            extra.append((t, where[node], w))
+        drop = torch.zeros(group.mask.numel(), dtype=torch.bool, device=lm.device)
+        drop[index.flat[i]] = ~kept[cols_i]
+        drop = drop.view_as(group.mask)
+        if drop.any():
+            act = torch.where(drop, group.activation, torch.zeros_like(group.activation))
+            per_stage[t + 1] += einsum(act, dirs, "p m, p m d -> p d")
+    return KeptSources(cols, writes, pos, stage, torch.argsort(order), starts, below.tolist(), torch.cumsum(per_stage, 0),
+                       per_stage, extra)
 
 
 @dataclass
@@ -357,6 +443,8 @@ def edge_rows(lm: LinearisedModel, sources: KeptSources, readers: list[Target], 
     with the dropped writes of its stage. So the cost grows with the kept nodes, not with every active node.
     ``autograd`` as in ``compact_reading_vectors``.
     """
+    if lm.needs_descent:
+        return _edge_rows_descending(lm, sources, readers, autograd)
     rv = compact_reading_vectors(lm, readers, autograd=autograd)
     n, k = len(readers), len(sources.cols)
     opts = dict(dtype=lm.dtype, device=lm.device)
@@ -395,6 +483,38 @@ def edge_rows(lm: LinearisedModel, sources: KeptSources, readers: list[Target], 
     return EdgeRows(kept, remainder, rv.constant)
 
 
+def _edge_rows_descending(lm: LinearisedModel, sources: KeptSources, readers: list[Target],
+                          autograd: bool) -> EdgeRows:
+    """``edge_rows`` where attention passes through: one descent (``LinearisedModel.descend``) per batch.
+
+    At each stage t the readers' vectors of that stage meet the kept sources of stage t at each position (one
+    product per position), the stage's constant write and its dropped writes; the pass-through stages carry the
+    vectors down. The readers' constants are their biases plus what the descent reads from the constant writes.
+    """
+    rv = compact_reading_vectors(lm, readers, autograd=autograd, constants=False)
+    n, k = len(readers), len(sources.cols)
+    opts = dict(dtype=lm.dtype, device=lm.device)
+    kept = torch.zeros(n, k, **opts)  # columns in position order, as ``sources.writes``
+    remainder = torch.zeros(n, **opts)
+    constant = rv.h0.clone()
+    layout = sources.stage_layout(lm.n_pos)
+    has_dropped = sources.dropped_at.flatten(1).abs().amax(1) > 0
+    has_constant = lm._const_writes.abs().amax(1) > 0
+    # Attention is causal: only positions up to the batch's last reader position can reach it.
+    P = max(r.max_pos for r in readers) + 1
+    for t, G in lm.descend(rv.dense()[:, :P], rv.stage):
+        if has_constant[t]:
+            constant += G.sum(1) @ lm.constant_write(t)
+        if has_dropped[t + 1]:
+            remainder += einsum(G, sources.dropped_at[t + 1, :P], "b p d, p d -> b")
+        if t in layout:
+            padded, pos, slot, rows = layout[t]
+            seen = pos < P
+            dots = torch.bmm(G.transpose(0, 1), padded[:P].transpose(1, 2))  # [pos, batch, m]
+            kept[:, rows[seen]] += dots[pos[seen], :, slot[seen]].T
+    return EdgeRows(kept.index_select(1, sources.unsort), remainder, constant)
+
+
 @dataclass
 class Hierarchy:
     """The kept nodes of a hierarchical attribution and their total attributions ``T_s``."""
@@ -414,12 +534,18 @@ def hierarchical_attribution(lm: LinearisedModel, index: NodeIndex, target: Targ
     G = reading_vectors(lm, [target]).g
     kept = torch.zeros(index.n, dtype=torch.bool, device=lm.device)
     influence = torch.zeros(index.n, dtype=lm.dtype, device=lm.device)
+    pending: dict[int, Tensor] = {}  # what a cross-layer transcoder's features get from their writes into later layers
     for stage in tqdm(range(target.stage(lm) - 1, -1, -1), desc="hierarchical attribution", disable=not progress, leave=False):
         G_stage = torch.zeros_like(G)
+        for i, dirs in lm.extra_at.get(stage, []):
+            part = (einsum(G, dirs, "b p d, p m d -> b p m") * lm.groups[i].activation)[0]
+            pending[i] = pending[i] + part if i in pending else part
         for i, group in lm.groups_at(stage):
             if group.n_nodes == 0:
                 continue
             T = (lm.unit_dots(group, G) * group.activation)[0]  # [pos, m]
+            if i in pending:
+                T = T + pending.pop(i)
             pos = torch.arange(lm.n_pos, device=lm.device)[:, None]
             keep = group.mask & (pos <= target.max_pos) & (T.abs() >= cut)
             cols = index.columns(i)
@@ -432,7 +558,9 @@ def hierarchical_attribution(lm: LinearisedModel, index: NodeIndex, target: Targ
                 feats = group.feature[p_k, j_k].tolist()
                 readers = [FeatureTarget(group.kind, group.layer, f, p) for f, p in zip(feats, p_k.tolist())]
                 weight = T[p_k, j_k] / group.activation[p_k, j_k]
-                G_stage = G_stage + compact_reading_vectors(lm, readers).weighted_sum(weight)[None]
+                G_stage = G_stage + compact_reading_vectors(lm, readers, constants=False).weighted_sum(weight)[None]
+        if stage in lm.linear_stages:  # a pass-through (attention, skip path): what reads its output reads its input
+            G = G + lm.pass_back(stage, G)
         G = G + G_stage  # after the whole stage: nodes of one stage do not read each other
     return Hierarchy(kept, influence, h)
 
@@ -464,14 +592,16 @@ def relative_residual(value: Tensor, terms_abs: Tensor, residual: Tensor) -> Ten
 
 
 def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], src: Tensor,
-                dst: Tensor) -> Float[Tensor, "e n_heads"]:
+                dst: Tensor, sources: KeptSources | None = None, batch_size: int = 64) -> Float[Tensor, "e n_heads"]:
     """Per-head parts of edges into attention features (NaN for other edges).
 
     The per-head reading vector of an attention feature is ``pattern[h, q, k] (u_h - mean u_h) / scale1[k]`` with
     ``u_h = W_V[h] w_h`` (centred: ``LinearisedModel.value_reader``); each edge's part through head h is its source's
     write dotted with it. The parts sum to the edge, which comes from the reading vector of ``reading_vectors``.
     Per attention layer, one product of every reader's ``u`` with every source's write, then a gather at the
-    edges (rather than one ``u`` per edge).
+    edges (rather than one ``u`` per edge). Where an attention layer below the readers' passes through, a source
+    also reaches head h along paths through it: the parts of that layer's edges are then the edge rows of the
+    head-restricted readers (``FeatureTarget.head``) from ``sources``, which must be given.
     """
     n_heads = lm.cfg.n_heads
     parts = torch.full((len(src), n_heads), float("nan"), dtype=lm.dtype, device=lm.device)
@@ -483,6 +613,9 @@ def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], sr
             continue
         e = (edge_layer == L).nonzero()[:, 0]
         if len(e) == 0:
+            continue
+        if any(t < attn_stage(L) for t in [*lm.linear_stages, *lm.extra_at]):
+            parts[e] = _head_parts_descending(lm, readers, src[e], dst[e], sources, batch_size)
             continue
         rows, r_local = torch.unique(dst[e], return_inverse=True)
         cols, s_local = torch.unique(src[e], return_inverse=True)
@@ -496,6 +629,21 @@ def _head_parts(lm: LinearisedModel, index: NodeIndex, readers: list[Target], sr
         pattern = lm.patterns[L][:, q[r_local], k]  # [heads, edges]
         parts[e] = dots * rearrange(pattern, "h e -> e h") / lm.scale_ln1[L][k][:, None]
     return parts
+
+
+def _head_parts_descending(lm: LinearisedModel, readers: list[Target], src: Tensor, dst: Tensor,
+                           sources: KeptSources, batch_size: int) -> Float[Tensor, "e n_heads"]:
+    """Per-head parts of edges into attention features of one layer, from head-restricted edge rows."""
+    n_heads = lm.cfg.n_heads
+    rows, r_local = torch.unique(dst, return_inverse=True)
+    col_of = torch.full((int(sources.cols.max()) + 1 if len(sources.cols) else 1,), -1, dtype=torch.long, device=lm.device)
+    col_of[sources.cols] = torch.arange(len(sources.cols), device=lm.device)
+    s_local = col_of[src]
+    heads = [FeatureTarget(readers[j].kind, readers[j].layer, readers[j].feature, readers[j].pos, head=h)
+             for j in rows.tolist() for h in range(n_heads)]
+    per_head = torch.cat([edge_rows(lm, sources, heads[a : a + batch_size]).kept for a in range(0, len(heads), batch_size)])
+    per_head = per_head.view(len(rows), n_heads, -1)
+    return per_head[r_local, :, s_local]
 
 
 def attribute(lm: LinearisedModel, target: Target, threshold: float = 0.01, batch_size: int = 64,
@@ -540,7 +688,7 @@ def _attribute(lm: LinearisedModel, target: Target, threshold: float, batch_size
         bar.update(len(chunk))
     bar.close()
     src_t, dst_t, w_t = torch.cat(src), torch.cat(dst), torch.cat(weight)
-    heads = _head_parts(lm, index, readers, src_t, dst_t)
+    heads = _head_parts(lm, index, readers, src_t, dst_t, sources, batch_size)
     max_res = float(residual.max()) if n_r else 0.0
     result = Attribution(index, target, hier, threshold, reader_cols, value, constant, remainder, residual,
                          src_t, dst_t, w_t, heads, max_res)

@@ -5,7 +5,8 @@ Algorithm (Marks et al. 2024, "Sparse Feature Circuits"):
 1. Splice every dictionary into the *real* model (nothing frozen: patterns, LayerNorm scales and feature
    activations are recomputed): ``hook_z <- attn_sae(z) + error_z`` and
    ``hook_mlp_out <- transcoder(ln2_in) + error_mlp``, with each error computed in the same run. With nothing
-   ablated this is the model itself.
+   ablated this is the model itself. Only the suite's dictionaries are spliced: attention without an SAE runs
+   as it is, and an MLP without a transcoder is one node per position (``mlp_output``), ablated like an error.
 2. Ablate a node by *zero ablation*: a feature's activation, or an error vector at one position, is set to 0
    (decoder biases stay). Embeddings are never ablated: the circuit explains what the model does with its input.
 3. The metric m is the target itself (feature pre-activation, logit or logit difference, attention score, or
@@ -28,8 +29,8 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from circuits.graph import Circuit, Node
+from circuits.linear_model import LinearisedModel, skip_weight
 from circuits.sites import ERROR_KINDS, FEATURE_KINDS, TOKEN_KINDS
-from circuits.linear_model import LinearisedModel
 from circuits.targets import AttentionScoreTarget, DirectionTarget, FeatureTarget, LogitTarget, Target
 from saes.dictionary import decode, encode, pre_activation
 from saes.suite import flatten_z
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Ablation:
-    """What survives: ``features[(kind, layer)]`` is a [pos, d_sae] keep-mask, ``errors[(kind, layer)]`` a [pos] one.
+    """What survives: ``features[(kind, layer)]`` is a [pos, d_sae] keep-mask, ``errors[(kind, layer)]`` a [pos] one
+    (``errors[("mlp_output", layer)]`` for the whole MLP output of a layer without a transcoder).
 
     A missing key keeps everything of that dictionary.
     """
@@ -55,6 +57,8 @@ def run_spliced(lm: LinearisedModel, target: Target, ablation: Ablation) -> floa
 
     def splice_attn(z, hook):
         layer = hook.layer()
+        if layer not in suite.attn_saes:
+            return z
         sae = suite.attn_saes[layer]
         flat = flatten_z(z[0])
         acts = encode(sae, flat)
@@ -70,19 +74,44 @@ def run_spliced(lm: LinearisedModel, target: Target, ablation: Ablation) -> floa
     def capture_ln2(x, hook):
         seen[f"ln2.{hook.layer()}"] = x[0]
 
+    clt_acts: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (activations, after ablation)
+
+    def splice_clt(out, hook):
+        """A cross-layer transcoder: this layer's features, then every layer <= this one written into its output."""
+        layer, clt = hook.layer(), suite.clt
+        x = seen[f"ln2.{layer}"]
+        if isinstance(target, FeatureTarget) and target.kind == "mlp_feature" and target.layer == layer:
+            seen["metric"] = clt.pre_activation(layer, x)[target.pos, target.feature]
+        acts = clt.encode(layer, x)
+        keep = ablation.features.get(("mlp_feature", layer))
+        clt_acts[layer] = (acts, acts if keep is None else acts * keep)
+        full = clt.b_dec[layer] + sum(clt_acts[l][0] @ clt.W_dec[l][:, layer - l] for l in range(layer + 1))
+        kept = clt.b_dec[layer] + sum(clt_acts[l][1] @ clt.W_dec[l][:, layer - l] for l in range(layer + 1))
+        error = out[0] - full
+        keep_err = ablation.errors.get(("mlp_feature", layer))
+        error = error if keep_err is None else error * keep_err[:, None]
+        return (kept + error)[None]
+
     def splice_mlp(out, hook):
         layer = hook.layer()
+        if suite.clt is not None:
+            return splice_clt(out, hook)
+        if layer not in suite.transcoders:  # the whole output is one node per position
+            keep_out = ablation.errors.get(("mlp_output", layer))
+            return out if keep_out is None else out * keep_out[:, None]
         tc = suite.transcoders[layer]
         x = seen[f"ln2.{layer}"]
         acts = encode(tc, x)
-        error = out[0] - decode(tc, acts)
+        W_skip = skip_weight(tc)
+        skip = x @ W_skip.T if W_skip is not None else 0.0  # a linear path of the transcoder: never ablated
+        error = out[0] - decode(tc, acts) - skip
         if isinstance(target, FeatureTarget) and target.kind == "mlp_feature" and target.layer == layer:
             seen["metric"] = pre_activation(tc, x)[target.pos, target.feature]
         keep = ablation.features.get(("mlp_feature", layer))
         keep_err = ablation.errors.get(("mlp_feature", layer))
         acts = acts if keep is None else acts * keep
         error = error if keep_err is None else error * keep_err[:, None]
-        return (decode(tc, acts) + error)[None]
+        return (decode(tc, acts) + skip + error)[None]
 
     def capture(x, hook):
         seen[hook.name] = x[0]
@@ -111,9 +140,15 @@ def run_spliced(lm: LinearisedModel, target: Target, ablation: Ablation) -> floa
 def ablation_keeping(lm: LinearisedModel, nodes: list[Node], complement: bool = False) -> Ablation:
     """Keep exactly the feature and error ``nodes`` (or, with ``complement``, everything but them)."""
     features, errors = {}, {}
+    clt = lm.suite.clt
+    mlp = {l: lm.dictionary("mlp_feature", l) for l in range(lm.n_layers)} if clt is not None else lm.suite.transcoders
     for layer in range(lm.n_layers):
-        for kind in ("attn_feature", "mlp_feature"):
-            d_sae = lm.dictionary(kind, layer).cfg.d_sae
+        if layer not in mlp:
+            errors[("mlp_output", layer)] = torch.full((lm.n_pos,), complement, dtype=torch.bool, device=lm.device)
+        for kind, store in (("attn_feature", lm.suite.attn_saes), ("mlp_feature", mlp)):
+            if layer not in store:
+                continue
+            d_sae = store[layer].cfg.d_sae
             features[(kind, layer)] = torch.full((lm.n_pos, d_sae), complement, dtype=torch.bool, device=lm.device)
             errors[(kind, layer)] = torch.full((lm.n_pos,), complement, dtype=torch.bool, device=lm.device)
     for n in nodes:
@@ -121,6 +156,8 @@ def ablation_keeping(lm: LinearisedModel, nodes: list[Node], complement: bool = 
             features[(n.kind, n.layer)][n.pos, n.feature] = not complement
         elif n.kind in ERROR_KINDS:
             errors[(n.kind.replace("error", "feature"), n.layer)][n.pos] = not complement
+        elif n.kind == "mlp_output":
+            errors[("mlp_output", n.layer)][n.pos] = not complement
     return Ablation(features, errors)
 
 

@@ -316,6 +316,8 @@ def parse_target(spec: str, suite, n_pos: int) -> Target:
         family, layer_s, feat_s, pos_s = m.groups()
         layer = _layer(layer_s, cfg.n_layers)
         sae = (suite.attn_saes if family == "attn" else suite.transcoders).get(layer)
+        if family == "mlp" and getattr(suite, "clt", None) is not None:  # a cross-layer transcoder's layer
+            sae = suite.clt
         if sae is None:
             raise ValueError(f"the suite has no {family} dictionary at layer {layer}; it has {', '.join(suite.dictionaries())}")
         feature, d_sae = int(feat_s), sae.cfg.d_sae

@@ -5,11 +5,15 @@
 transcoders through the Hugging Face hub (``saes/pretrained.py``).
 
 Dictionaries are named ``attn{L}`` and ``mlp{L}``; every place is addressed by its TransformerLens hook name.
+A suite may lack either at any layer. ``Suite.select(spec)`` (``load_suite(..., dictionaries=spec)``) keeps a
+subset, named by a comma-separated spec (``parse_dictionaries``): ``all``, ``none``, ``attn``, ``mlp``, or a
+family with layers, ``attn2``, ``attn0-3``, ``mlp1-2``; e.g. ``attn0-3,mlp`` or ``mlp`` (transcoders only).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +76,26 @@ class Suite:
         if name not in found:
             raise KeyError(f"suite {self.name!r} has no dictionary {name!r}; it has: {', '.join(found)}")
         return found[name]
+
+    def select(self, spec: str) -> "Suite":
+        """The same model with only the dictionaries ``spec`` names (``parse_dictionaries``); shares their weights."""
+        attn, mlp = parse_dictionaries(spec, self.n_layers)
+        # a family named whole (``attn``, ``all``) takes the layers the suite has; a layer named by number must exist
+        missing = [f"attn{l}" for l in sorted(attn) if l not in self.attn_saes]
+        missing += [f"mlp{l}" for l in sorted(mlp) if l not in self.transcoders and self.clt is None]
+        explicit = [m for m in missing if _named_explicitly(spec, m)]
+        if explicit:
+            raise ValueError(f"--dictionaries {spec!r}: suite {self.name!r} has no {', '.join(explicit)}; "
+                                 f"it has {', '.join(self.dictionaries()) or 'no dictionaries'}")
+        clt = None
+        if self.clt is not None and mlp:  # a cross-layer transcoder is one dictionary over every MLP layer
+            if mlp != set(range(self.n_layers)):
+                raise ValueError(f"--dictionaries {spec!r}: suite {self.name!r} has a cross-layer transcoder, which is kept "
+                                 f"whole or not at all; name mlp (every layer) or no mlp layer")
+            clt = self.clt
+        info = {**self.info, "dictionaries": spec}
+        return Suite(name=self.name, model=self.model, attn_saes={l: d for l, d in self.attn_saes.items() if l in attn},
+                     transcoders={l: d for l, d in self.transcoders.items() if l in mlp}, info=info, clt=clt)
 
     def to(self, device: str | torch.device) -> "Suite":
         self.model.to(device, print_details=False)
@@ -154,8 +178,19 @@ def _official_name(name: str) -> str:
         return name
 
 
-def load_suite(name: str, device: str | torch.device = "cpu", path: Path | None = None) -> Suite:
-    """Load a suite by name: ``mini`` (embedded, offline) or ``gpt2-small`` (needs the hub or its cache)."""
+def load_suite(name: str, device: str | torch.device = "cpu", path: Path | None = None,
+               dictionaries: str | None = None) -> Suite:
+    """Load a suite by name: ``mini`` (embedded, offline) or ``gpt2-small`` (needs the hub or its cache).
+
+    ``dictionaries`` keeps only some of them (``Suite.select``); it is checked before anything loads.
+    """
+    if dictionaries is not None:
+        parse_dictionaries(dictionaries, None)  # a malformed spec fails before a long load
+        return _load_suite(name, device, path).select(dictionaries)
+    return _load_suite(name, device, path)
+
+
+def _load_suite(name: str, device: str | torch.device, path: Path | None) -> Suite:
     if name == "mini":
         from saes.mini_suite import load_mini
 
@@ -175,6 +210,61 @@ def load_suite(name: str, device: str | torch.device = "cpu", path: Path | None 
 
         return load_mini(Path(path), device=device)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(KNOWN_SUITES)} (or pass the folder of a suite)")
+
+
+_DICT_ITEM = re.compile(r"^(attn|mlp)(?:(\d+)(?:-(\d+))?)?$")
+DICTIONARIES_HELP = ("comma-separated: all | none | attn | mlp | attnL | attnA-B | mlpL | mlpA-B "
+                     "(e.g. mlp for transcoders only, attn0-3,mlp)")
+
+
+def parse_dictionaries(spec: str, n_layers: int | None) -> tuple[set[int], set[int]]:
+    """The (attention-SAE layers, transcoder layers) a dictionary spec names; ``n_layers=None`` checks syntax only.
+
+    ``all`` is every layer of both families, ``none`` no dictionary at all, ``attn`` / ``mlp`` every layer of one
+    family, ``attn2`` one layer, ``mlp0-3`` a range (both ends included). Items are joined by commas.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"the dictionary spec is empty; {DICTIONARIES_HELP}")
+    every = set(range(n_layers)) if n_layers is not None else set()
+    attn: set[int] = set()
+    mlp: set[int] = set()
+    items = [item.strip() for item in spec.split(",")]
+    for item in items:
+        if item == "all":
+            attn |= every
+            mlp |= every
+            continue
+        if item == "none":
+            if len(items) > 1:
+                raise ValueError(f"dictionary spec {spec!r}: 'none' cannot be combined with other items; {DICTIONARIES_HELP}")
+            continue
+        m = _DICT_ITEM.match(item)
+        if not m:
+            raise ValueError(f"cannot parse dictionary spec item {item!r} in {spec!r}; {DICTIONARIES_HELP}")
+        family, lo, hi = m.groups()
+        store = attn if family == "attn" else mlp
+        if lo is None:
+            store |= every
+            continue
+        lo_i, hi_i = int(lo), int(hi) if hi is not None else int(lo)
+        if hi_i < lo_i:
+            raise ValueError(f"dictionary spec item {item!r}: the range is empty ({lo_i} > {hi_i}); write {family}{hi_i}-{lo_i}")
+        if n_layers is not None and hi_i >= n_layers:
+            raise ValueError(f"dictionary spec item {item!r}: the model has {n_layers} layers, use layers 0..{n_layers - 1}")
+        store |= set(range(lo_i, hi_i + 1))
+    return attn, mlp
+
+
+def _named_explicitly(spec: str, name: str) -> bool:
+    """Whether ``name`` (``attn2``) is named by a layer item of ``spec`` rather than by ``all``/``attn``/``mlp``."""
+    family, layer = re.match(r"^(attn|mlp)(\d+)$", name).groups()
+    for item in spec.split(","):
+        m = _DICT_ITEM.match(item.strip())
+        if m and m.group(1) == family and m.group(2) is not None:
+            lo, hi = int(m.group(2)), int(m.group(3) or m.group(2))
+            if lo <= int(layer) <= hi:
+                return True
+    return False
 
 
 def flatten_z(z: Float[Tensor, "... n_heads d_head"]) -> Float[Tensor, "... d_in"]:

@@ -2,6 +2,7 @@
 
     python -m scripts.bench_attribution [--suites mini gpt2-shapes] [--lengths 32 128] [--targets 16 256] [--full]
                                         [--device cpu|cuda] [--threads 1]
+    python -m scripts.bench_attribution --vs-circuit-tracer [--threads 2] [--batch-size 256]   (``vs_circuit_tracer``)
 
 1. Measure the machine's matrix-multiply peak (float32 square matmuls) as the yardstick for the rate.
 2. For each suite (the embedded ``mini`` when it is built, or ``mini-shapes``, its sizes with random weights;
@@ -458,6 +459,83 @@ def trace_rows(args, report) -> None:
           f"alone (CPU time {c_t / c_a:.2f}x)")
 
 
+LONG_PROMPT = ("import os\nimport sys\nimport json\n\ndef load(path):\n    with open(path) as f:\n        return json.load(f)\n\n"
+               "def main(args):\n    for name in args:\n        data = load(name)\n        for key in data:\n"
+               "            print(key, data[key])\n    return 0\n\nif __name__ == \"__main__\":\n    sys.exit(main(sys.argv[1:]))\n")
+
+
+def vs_circuit_tracer(args) -> list[dict]:
+    """The full graph of transcoder features on mini (``--dictionaries mlp``), here and with circuit-tracer 0.5.
+
+    Per prompt, the same work on both sides: every active transcoder feature and the target (the logit of the
+    model's top next token at the last position) as readers, with their in-edges from every node. Here: the
+    linearised model, ``attribute(threshold=0)`` (hierarchical pass, edges, per-head parts, certificate) and,
+    as its own row, ``build_circuit`` of the result. circuit-tracer: ``attribute(max_feature_nodes=None)`` with
+    that one logit as its target (its forward passes, feature and logit rows, packing of the graph). Both use
+    ``--batch-size`` readers per backward pass. Model and transcoder loading is outside the timings. Each time is
+    the best of ``--repeats`` runs after one untimed warm-up.
+    """
+    from circuit_tracer.attribution.attribute import attribute as ct_attribute
+
+    from circuits.attribution import attribute
+    from circuits.circuit_tracer_compat import circuit_tracer_replacement_model
+    from circuits.graph import build_circuit
+    from circuits.linear_model import LinearisedModel
+    from circuits.targets import LogitTarget
+    from saes.suite import load_suite
+
+    suite = load_suite("mini", dictionaries="mlp")
+    for p in suite.model.parameters():
+        p.requires_grad_(False)
+    replacement = circuit_tracer_replacement_model(suite)
+    print(f"# mini with its transcoders only (attention passed through), {torch.get_num_threads()} CPU threads, "
+          f"batch {args.batch_size}, best of {args.repeats}")
+    header = f"{'tokens':>7}{'features':>10}{'edges':>10}  {'what':<52}{'time s':>9}"
+    print(header)
+    print("-" * len(header), flush=True)
+    rows = []
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t)
+        return min(times), out
+
+    for prompt in args.ct_prompts:
+        tokens = suite.tokens(prompt)
+        n_pos = tokens.shape[1]
+        token = int(suite.model(tokens)[0, -1].argmax())
+        target_of = lambda lm: LogitTarget((token,), (1.0,), lm.n_pos - 1)
+
+        def ours():
+            lm = LinearisedModel(suite, tokens)
+            return lm, attribute(lm, target_of(lm), threshold=0.0, batch_size=args.batch_size, progress=False)
+
+        def theirs():
+            return ct_attribute(tokens[0], replacement, attribution_targets=torch.tensor([token]), max_feature_nodes=None,
+                                batch_size=args.batch_size)
+
+        t_ours, (lm, result) = best(ours)
+        t_ct, graph = best(theirs)
+        n_feat = int(graph.active_features.shape[0])
+        n_edges_ct = int((graph.adjacency_matrix != 0).sum())
+        measured = [("ours: linearise + attribute (threshold 0)", t_ours, len(result.edge_weight)),
+                    ("circuit-tracer 0.5: attribute(max_feature_nodes=None)", t_ct, n_edges_ct)]
+        if args.ct_build_circuit:
+            t_graph, _ = best(lambda: build_circuit(lm, result, prompt, suite.name))
+            measured.insert(1, ("ours: build_circuit of that result", t_graph, len(result.edge_weight)))
+        for what, seconds, edges in measured:
+            print(f"{n_pos:>7}{n_feat:>10}{edges:>10}  {what:<52}{seconds:>9.3f}", flush=True)
+            rows.append(dict(suite="mini-mlp", pos=n_pos, features=n_feat, edges=edges, what=what, seconds=seconds,
+                             threads=torch.get_num_threads(), batch_size=args.batch_size))
+        print(f"{'':>27}  ratio circuit-tracer / ours (attribute): {t_ct / t_ours:.2f}x", flush=True)
+    replacement.reset_hooks(including_permanent=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--suites", nargs="+", default=["mini", "gpt2-shapes"], choices=["mini", "mini-shapes", "gpt2-shapes"],
@@ -478,7 +556,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice); on a shared, oversubscribed machine 1 "
                         "avoids every small operation waiting for a descheduled second thread")
+    p.add_argument("--vs-circuit-tracer", action="store_true",
+                   help="instead: time the full transcoder-only graph of mini here and with circuit-tracer 0.5 (installed "
+                        "--no-deps) on the same prompts, in one run")
+    p.add_argument("--ct-prompts", nargs="+", default=[DEMO_PROMPT, LONG_PROMPT], help="prompts of --vs-circuit-tracer")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row of --vs-circuit-tracer (best kept)")
+    p.add_argument("--ct-build-circuit", action="store_true", help="--vs-circuit-tracer: also time build_circuit of our result")
     args = p.parse_args(argv)
+    if args.vs_circuit_tracer:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        rows = vs_circuit_tracer(args)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this torch build or machine has no CUDA device (torch.cuda.is_available() is False); "
                 "use --device cpu")

@@ -36,7 +36,6 @@ def register(subparsers) -> None:
     m.add_argument("--max-jobs", type=int, default=1000)
     m.add_argument("--threshold", type=float, default=None, help="write this threshold into every trace job")
     m.add_argument("--faithfulness", action="store_true", help="ask for the ablation curve in every trace job")
-    m.add_argument("--dictionaries", default="all", help="dashboard jobs: all or a list such as mlp0,attn1")
     m.add_argument("--features", default="all", help="dashboard jobs: all, a range 0-63 or a list 3,17")
     m.add_argument("--per-job", type=int, default=32, help="dashboard jobs: features per job (default 32)")
     m.add_argument("--n-tokens", type=int, default=None, help="dashboard jobs: held-out tokens per dashboard")
@@ -91,7 +90,8 @@ def run_make_jobs(args: argparse.Namespace) -> int:
                           args.max_per_snippet)
     else:
         suite = load_suite_from_args(args)
-        jobs = dashboard_jobs(suite, args.dictionaries, args.features, args.per_job, args.n_tokens)
+        # --dictionaries (shared by every command) has already narrowed the suite to the dictionaries wanted
+        jobs = dashboard_jobs(suite, "all", args.features, args.per_job, args.n_tokens)
     if not jobs:
         raise ValueError("the source and rule gave no jobs; try another --target-rule, a lower threshold or a larger source")
     write_jobs(args.out, jobs)

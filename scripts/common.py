@@ -12,6 +12,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mini", help="suite name: mini (embedded, offline) or gpt2-small (needs the hub)")
     p.add_argument("--suite-dir", type=Path, default=None, help="load the mini-format suite from this folder instead")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (cuda when available)")
+    p.add_argument("--dictionaries", default=None, metavar="SPEC",
+                   help="use only some of the suite's dictionaries: all (default), none, attn, mlp, attnL, attnA-B, "
+                        "mlpL, mlpA-B, comma-separated (e.g. mlp for transcoders only, attn0-3,mlp); attention "
+                        "without an SAE passes through, an MLP without a transcoder is one frozen node per position")
 
 
 def resolve_device(name: str) -> str:
@@ -25,9 +29,15 @@ def resolve_device(name: str) -> str:
 
 
 def load_suite_from_args(args: argparse.Namespace):
-    from saes.suite import load_suite
+    from saes.suite import load_suite, parse_dictionaries
 
-    return load_suite(args.model, device=resolve_device(args.device), path=args.suite_dir)
+    spec = getattr(args, "dictionaries", None)
+    if spec is not None:
+        try:
+            parse_dictionaries(spec, None)
+        except ValueError as e:
+            raise ValueError(f"--dictionaries: {e}") from None
+    return load_suite(args.model, device=resolve_device(args.device), path=args.suite_dir, dictionaries=spec)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -166,6 +166,9 @@ class LinearisedModel:
     def __init__(self, suite: Suite, tokens: Int[Tensor, "1 pos"]):
         model = suite.model
         cfg = model.cfg
+        if suite.clt is not None and suite.transcoders:
+            raise ValueError(f"suite {suite.name!r} has both a cross-layer transcoder and per-layer transcoders "
+                             f"({', '.join(f'mlp{l}' for l in suite.transcoders)}); keep one of them (Suite.select)")
         if tokens.ndim != 2 or tokens.shape[0] != 1:
             raise ValueError(f"tokens must have shape [1, pos], got {tuple(tokens.shape)}")
         self.suite, self.model, self.cfg = suite, model, cfg

@@ -1,6 +1,6 @@
 """Hierarchical attribution and direct effects in the linearised model, with batched backward passes.
 
-Algorithm (ATTRIBUTION.md sections 2, 3 and 5.1; Ge et al. 2024 for the hierarchical walk, Ameisen et al.
+Algorithm (docs/attribution.md sections 2 to 5; Ge et al. 2024 for the hierarchical walk, Ameisen et al.
 2025 for batching):
 
 1. *Reading vectors.* Every reader (a target or a feature node) is an affine function of the residual stream

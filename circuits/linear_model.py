@@ -1,6 +1,6 @@
 """The linearised model: one clean pass, frozen, in which everything downstream is affine in the nodes.
 
-Algorithm (ATTRIBUTION.md section 1; Ameisen et al. 2025 for frozen attention and LayerNorm, Ge et al. 2024
+Algorithm (docs/attribution.md section 1; Ameisen et al. 2025 for frozen attention and LayerNorm, Ge et al. 2024
 for attention-SAE nodes):
 
 1. Run the real model once on the prompt (the *clean* pass) and cache every hook.

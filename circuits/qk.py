@@ -1,6 +1,6 @@
 """QK: the exact decomposition of a pre-softmax attention score into (query-side, key-side) node pairs.
 
-Algorithm (ATTRIBUTION.md section 4; Ge et al. 2024):
+Algorithm (docs/attribution.md section 6; Ge et al. 2024):
 
 1. With LayerNorm scales frozen, ``x_q = LN1(resid)[q]`` is a sum over the nodes written at position q before
    the attention layer, plus one constant entry (the bias writes of earlier stages); likewise ``x_k``.

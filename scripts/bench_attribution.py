@@ -145,7 +145,7 @@ def measure(fn, device: torch.device, quick: float = 2.0) -> tuple[float, float,
     """Peak memory of one call (which also warms up), then the best wall time and the best process CPU time of
     more calls, timed with no sampler running: 10 when a call takes under 0.1 s, 3 up to ``quick`` seconds, else 1.
 
-    On a shared machine a short call is often descheduled for a time slice or two; more repetitions of the short
+    A short call can be descheduled for a time slice or two; more repetitions of the short
     calls find an undisturbed one, and the CPU time, which does not count the time the process waits for a core,
     is given beside the wall time for every row."""
     with PeakMemory(device) as mem:

@@ -52,6 +52,6 @@ def dumps(obj: Any) -> str:
 
 def add_experiment_run_args(p: argparse.ArgumentParser) -> None:
     """Options shared by the CPU experiments (toy, mnist): threads, PNG figures, progress bars."""
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: tiny models run fastest on one)")
     p.add_argument("--no-png", action="store_true", help="write only the HTML figures")
     p.add_argument("--no-progress", action="store_true")

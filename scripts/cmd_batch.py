@@ -105,7 +105,8 @@ def run_run(args: argparse.Namespace) -> int:
     from scripts.batch.worker import RunConfig
 
     shard = parse_shard(args.shard)
-    config = RunConfig(model=args.model, suite_dir=str(args.suite_dir) if args.suite_dir else None, device=args.device,
+    config = RunConfig(model=args.model, suite_dir=str(args.suite_dir) if args.suite_dir else None,
+                       dictionaries=getattr(args, "dictionaries", None), device=args.device,
                        threshold=args.threshold, faithfulness=args.faithfulness, n_tokens=args.n_tokens,
                        batch_size=args.batch_size, threads=args.threads, save_graph=args.save_graph)
     try:

@@ -338,3 +338,16 @@ def test_make_jobs_fires_rule_from_a_folder_and_a_dataset(tmp_path, tiny_suite_d
     assert len(trace_jobs(suite, str(tmp_path / "src"), parse_rule("default"), max_jobs=3, max_tokens=12)) == 3
     with pytest.raises(ValueError, match="is not a rule"):
         parse_rule("every:import")
+
+
+def test_a_run_uses_only_the_dictionaries_named(tmp_path, tiny_suite_dir, restore_threads):
+    jobs_path, out = tmp_path / "jobs.jsonl", tmp_path / "out"
+    write_jobs(jobs_path, [j for j in tiny_jobs(4) if not str(j.get("target", "")).startswith("attn")])
+    run_batch(jobs_path, out, config_for(tiny_suite_dir, dictionaries="mlp"), progress=False)
+    results = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
+    ok = [r["circuit"] for r in results if r["status"] == "ok"]
+    assert ok, [r.get("error") for r in results]
+    kinds = {n["kind"] for c in ok for n in c["nodes"]}
+    assert "mlp_feature" in kinds and not kinds & {"attn_feature", "attn_error"}, kinds
+    with pytest.raises(ValueError, match="--dictionaries"):
+        config_for(tiny_suite_dir, dictionaries="attn9x")

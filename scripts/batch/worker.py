@@ -33,6 +33,7 @@ class RunConfig:
 
     model: str = "mini"
     suite_dir: str | None = None
+    dictionaries: str | None = None  # a --dictionaries spec (saes.suite.parse_dictionaries); None: all of them
     device: str = "auto"
     threshold: float = 0.01
     faithfulness: bool = False
@@ -44,6 +45,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.threshold < 0:
             raise ValueError(f"--threshold must be >= 0, got {self.threshold}")
+        if self.dictionaries is not None:
+            from saes.suite import parse_dictionaries
+
+            try:
+                parse_dictionaries(self.dictionaries, None)
+            except ValueError as e:
+                raise ValueError(f"--dictionaries: {e}") from None
         if self.n_tokens <= 0:
             raise ValueError(f"--n-tokens must be positive, got {self.n_tokens}")
         if self.batch_size is not None and self.batch_size <= 0:
@@ -135,7 +143,7 @@ class BatchWorker:
         self.plan = device_plan(config.device, config.batch_size)
         t0 = time.perf_counter()
         self.suite = load_suite(config.model, device=self.plan.device,
-                                path=Path(config.suite_dir) if config.suite_dir else None)
+                                path=Path(config.suite_dir) if config.suite_dir else None, dictionaries=config.dictionaries)
         self.load_seconds = time.perf_counter() - t0
         self._token_sets: dict[int, Any] = {}
         log.info("worker %d: %s on %s (%s), loaded in %.1f s", os.getpid(), config.model, self.plan.device, self.plan.name, self.load_seconds)

@@ -9,7 +9,7 @@ from typing import Any
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="mini", help="suite name: mini (embedded, offline) or gpt2-small (needs the hub)")
+    p.add_argument("--model", default="mini", help="suite name: mini, mini-skip, mini-clt (embedded, offline), gpt2-small, gpt2-small-clt (need the hub)")
     p.add_argument("--suite-dir", type=Path, default=None, help="load the mini-format suite from this folder instead")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (cuda when available)")
     p.add_argument("--dictionaries", default=None, metavar="SPEC",

@@ -81,6 +81,17 @@ class DictionaryDashboards:
     scorecards: dict[int, dict[str, Any]]
 
 
+def check_dashboard_dictionaries(suite, names: Iterable[str]) -> None:
+    """Refuse, in one line, dashboards of a cross-layer transcoder's features: sae-vis draws a dictionary with one
+    encoder and one decoder at one hook, and a CLT feature writes into every later layer."""
+    clt_names = [n for n in names if n.startswith("mlp") and getattr(suite, "clt", None) is not None
+                 and n not in suite.dictionaries()]
+    if clt_names:
+        raise ValueError(f"no dashboards for {', '.join(clt_names)} of suite {suite.name!r}: they are cross-layer "
+                         f"transcoder features, which sae-vis cannot draw; drop --dashboards (their feature cards "
+                         f"are still written) or trace with --dictionaries attn")
+
+
 def vis_config(features: list[int]):
     from sae_vis.data_config_classes import SaeVisConfig
 
@@ -172,6 +183,7 @@ def write_feature_dashboards(suite, requests: dict[str, list[int]], out_dir: Pat
 def _write_dashboards(suite, requests, out_dir: Path, tokens, n_tokens, token_classes, progress, ablation_rows: int = 8):
     if not requests or not any(requests.values()):
         raise ValueError("no features requested; give at least one dictionary with feature indices")
+    check_dashboard_dictionaries(suite, requests)
     for name, feats in requests.items():
         check_features(suite.dictionary(name), name, list(feats))  # fail before any long computation
     tokens = tokens if tokens is not None else heldout_token_set(suite.model, n_tokens)

@@ -395,3 +395,13 @@ def test_skip_transcoder_cards_are_those_of_its_features(tiny, tmp_path):
     plain = build_feature_cards(suite, [("mlp1", 3)], tokens, cache_dir=tmp_path / "a", progress=False, config=SMALL)
     with_skip = build_feature_cards(skip, [("mlp1", 3)], tokens, cache_dir=tmp_path / "b", progress=False, config=SMALL)
     assert with_skip == plain  # the skip path is not a feature: it changes neither activations nor logits
+
+
+def test_dashboards_refuse_cross_layer_transcoder_features_in_one_line(tiny):
+    from analysis.dashboards import check_dashboard_dictionaries
+
+    clt_suite = tiny_clt(tiny[0])
+    check_dashboard_dictionaries(clt_suite, ["attn0", "attn1"])  # attention SAEs are drawn as usual
+    with pytest.raises(ValueError, match="cross-layer transcoder features, which sae-vis cannot draw") as e:
+        check_dashboard_dictionaries(clt_suite, ["attn0", "mlp1"])
+    assert "\n" not in str(e.value) and "mlp1" in str(e.value)

@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", required=True, help="the text to run the model on")
     p.add_argument("--target", default=None,
                    help='what to explain: mlpL:F[@P], attnL:F[@P], logit:"tok"[-"tok"][@P], logit:#id, attnL.H:Q->K; '
-                        "default: the most active transcoder feature at the last position of the deepest layer")
+                        "default: the most active transcoder feature at the last position, in the deepest layer with one "
+                        "active there (an attention feature if no transcoder feature is)")
     p.add_argument("--threshold", type=float, default=0.01,
                    help="drop nodes with |T_s| < threshold * |target| during the backward walk (0 keeps every active node)")
     p.add_argument("--batch-size", type=int, default=64, help="readers per batched backward pass")

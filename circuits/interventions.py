@@ -4,24 +4,27 @@ Algorithm (circuit-tracer's ``feature_intervention`` is the model for the interf
 dictionaries spliced into the real model with their error terms):
 
 1. *Parse and check* every intervention ``{node: value}`` before any run. Nodes use the node-id syntax of the
-   graphs (``mlp1:613@5``, ``attn2:17@5``, ``mlp1.error@5``, ``attn0.error@3``, ``embed@2``, ``pos_embed@2``;
-   a position may be negative, counted from the end; a ``Node`` object or a graph's node dict is read through
+   graphs (``mlp1:613@5``, ``attn2:17@5``, ``mlp1.error@5``, ``attn0.error@3``, ``mlp1.out@5``, ``embed@2``,
+   ``pos_embed@2``; parsed and written by ``circuits.sites``; a position may be negative, counted from the end; a ``Node`` object or a graph's node dict is read through
    its ``id``). Values are absolute (``0``, ``2.5``, ``"-1"``), a scale of the clean activation (``"*2"``,
    ``"*0"``) or a shift (``"+0.5"``, ``"+-0.5"``). The dictionary, the feature index, the position and the
    value are checked against the suite, and the node against the clean pass: a feature must be active there
    (an inactive feature is no node of the linearised model, and scaling or shifting 0 means nothing), except that
    ``freeze="attention"`` or ``"none"`` accept an absolute value for an inactive feature (switching it on).
 2. *Resolve* each value against the clean pass (``LinearisedModel``) to the activation ``a_new`` the node takes at
-   its position. For error and embedding nodes the activation is the norm of the vector they write: a value
-   rescales that vector by ``a_new / a_clean``, keeping its direction.
+   its position. For error, MLP-output (``mlp1.out@5``, a layer without a transcoder) and embedding nodes the
+   activation is the norm of the vector they write: a value rescales that vector by ``a_new / a_clean``, keeping
+   its direction. A cross-layer transcoder's feature is set at its read layer (``mlp1:613@5`` of a CLT suite).
 3. *Run* under one of three freeze modes:
 
    - ``"all"``: the linearised model with *every other node held at its clean activation*, attention patterns
      and LayerNorm scales frozen (``LinearisedModel.residual(chain=False)``). Only the intervened nodes' writes
      change, so every readout r (the target, a node asked for, a logit) moves by its direct effects,
      ``sum_s (a_new_s - a_s) / a_s * A[r, s]`` with ``A`` the edges of ``circuits.attribution``: an intervention
-     here tests an edge of the graph, exactly (``tests/test_interventions.py``). An attention score is read
-     through its linearisation (``targets.AttentionScoreTarget.read``), as the graph's edges into it are.
+     here tests an edge of the graph, exactly (``tests/test_interventions.py``). The change travels the paths the
+     edges do: through attention layers without an SAE (frozen patterns) and skip paths, and a CLT feature's
+     writes into every later MLP output. An attention score is read through its linearisation
+     (``targets.AttentionScoreTarget.read``), as the graph's edges into it are.
    - ``"attention"``: the real model with the dictionaries spliced in (``hook_z <- attn_sae(z) + error_z``,
      ``hook_mlp_out <- transcoder(ln2) + error``, each error from the same run, so that a run with nothing set is
      the model itself), the attention patterns frozen to the clean pass, LayerNorm and every feature live: the
@@ -29,7 +32,12 @@ dictionaries spliced into the real model with their error terms):
    - ``"none"``: the same with the patterns live too: the effect of the intervention on the real model.
 
    A dictionary that no intervention touches is spliced as the identity (its error term cancels its
-   reconstruction exactly), so it is not run.
+   reconstruction exactly), so it is not run; a site without a dictionary runs as the model does. A skip
+   transcoder's skip path stays live (it is part of the hook's real value; a feature's change adds
+   ``delta @ W_dec``). A cross-layer transcoder is spliced from the lowest layer it is intervened at: a clamped
+   feature's change adds ``delta @ W_dec[L][:, T - L]`` to every MLP output ``T >= L``, and a CLT error at layer
+   ``T`` is that run's MLP output minus what every layer ``<= T`` writes into it. An MLP-output node scales the
+   layer's live output at its position.
 4. *Read* the target (any ``circuits.targets`` spec; by default ``circuits.trace.default_target``) and every node
    asked for before and after, the same way a target is read (a feature's value is its pre-activation, read
    from its input; its activation is reported beside it), and the top logits at the target's position for a

@@ -405,3 +405,19 @@ def test_dashboards_refuse_cross_layer_transcoder_features_in_one_line(tiny):
     with pytest.raises(ValueError, match="cross-layer transcoder features, which sae-vis cannot draw") as e:
         check_dashboard_dictionaries(clt_suite, ["attn0", "mlp1"])
     assert "\n" not in str(e.value) and "mlp1" in str(e.value)
+
+
+def test_a_traced_clt_circuit_gets_a_card_and_label_for_every_feature_node(tiny, tmp_path):
+    """The command line's path: trace, the circuit's features, cards from a text file (what failed before on CLTs)."""
+    from circuits.trace import trace
+
+    clt_suite = tiny_clt(tiny[0])
+    circuit = trace(clt_suite, "import os\nfor i in range(3):", None, threshold=0.02, progress=False, faithfulness=False).circuit
+    feats = circuit_features(circuit.nodes())
+    assert any(d.startswith("mlp") for d, _ in feats)
+    (tmp_path / "text.py").write_text(TINY_TEXT)
+    args = argparse.Namespace(cards_text=str(tmp_path / "text.py"), cards_tokens=500, cards_cache=tmp_path / "cache",
+                              no_cards=False, labels="auto", no_progress=True)
+    cards, labels, note = cards_from_args(args, clt_suite, feats)
+    keys = {f"{d}:{f}" for d, f in feats}
+    assert note is None and set(cards) == keys and set(labels) == keys

@@ -16,6 +16,7 @@ import torch
 from circuits.attribution import attribute
 from circuits.interventions import intervene, parse_node, parse_value
 from circuits.linear_model import LinearisedModel
+from circuits.sites import format_node_id
 from circuits.targets import FeatureTarget, LogitTarget, parse_target
 from saes.suite import Suite
 from saes.testing import make_suite
@@ -51,11 +52,7 @@ def top_feature(lm, kind, layer, pos=-1, rank=0):
 
 
 def spec_of_column(index, c):
-    kind, layer, pos, feat = index.kind(c), index.layer(c), int(index.pos[c]), int(index.feature[c])
-    if kind in ("embed", "pos_embed"):
-        return f"{kind}@{pos}"
-    family = "attn" if kind.startswith("attn") else "mlp"
-    return f"{family}{layer}.error@{pos}" if kind.endswith("error") else f"{family}{layer}:{feat}@{pos}"
+    return format_node_id(index.kind(c), index.layer(c), int(index.pos[c]), int(index.feature[c]))
 
 
 # ---------------------------------------------------------------------------------------------- everything frozen
@@ -422,10 +419,7 @@ def partial(request, one_torch_thread):
     return suite, LinearisedModel(suite, suite.tokens(PROMPT))
 
 
-def node_id(index, c):
-    from circuits.sites import format_node_id
-
-    return format_node_id(index.kind(c), index.layer(c), int(index.pos[c]), int(index.feature[c]))
+node_id = spec_of_column
 
 
 def test_frozen_identity_on_partial_skip_and_clt_suites(partial):

@@ -25,7 +25,12 @@
    SAE first through each head's ``W_O`` and summed over heads, centred over ``d_model`` as the final
    LayerNorm does, then read through ``W_U``), its histogram trimmed to the occupied bins, scorecard numbers
    where a scorecard was computed (``analysis/scorecard.py``; never computed here) and a dashboard link that
-   the caller fills.
+   the caller fills. A skip transcoder's card is that of its features alone (the skip path ``x @ W_skip.T``
+   is not a feature).
+   A cross-layer transcoder's feature of read layer ``L`` (card key ``mlp{L}:{f}``, like a transcoder's) is
+   encoded by the CLT's layer-``L`` encoder from ``blocks.L.ln2.hook_normalized``; it writes one decoder vector
+   into every MLP output from layer ``L`` on, and every write stays in the residual stream up to the
+   unembedding, so its logit effect is the *sum* of those decoder vectors, centred, through ``W_U``.
 5. *Labels* (:func:`auto_label`): the top activating tokens and the top logits, e.g.
    ``on " import" → " os" " sys"``.
 
@@ -214,6 +219,65 @@ def card_tokens(suite, text: CardText, config: CardConfig = CardConfig()) -> Tok
 # 2. One pass
 
 
+@dataclass(frozen=True)
+class CardDictionary:
+    """What the card pass needs of one named dictionary (:func:`card_dictionary`): where it reads, how it
+    encodes, the tensors that identify it, and the residual-stream direction each feature writes in total."""
+
+    name: str
+    layer: int
+    hook_in: str
+    d_sae: int
+    module: Any  # the dictionary (a sae-lens module) or the cross-layer transcoder
+    clt: bool = False
+
+    @property
+    def cfg(self) -> Any:  # ``cfg.d_sae`` for ``check_features``
+        return self.module.cfg
+
+    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        return self.module.encode(self.layer, x) if self.clt else encode(self.module, x)
+
+    def state(self) -> dict[str, Tensor]:
+        """The tensors this dictionary's cards depend on (a CLT's: its layer's encoder and decoders)."""
+        if not self.clt:
+            return self.module.state_dict()
+        m, l = self.module, self.layer
+        out = {"W_enc": m.W_enc[l], "b_enc": m.b_enc[l], "W_dec": m.W_dec[l]}
+        if m.threshold is not None:
+            out["threshold"] = m.threshold[l]
+        return out
+
+    def resid_directions(self, model, features: list[int]) -> Float[Tensor, "feat d_model"]:
+        """What one unit of each feature adds to the final residual stream, by direct paths: the decoder row
+        (through each head's ``W_O``, summed, for an attention SAE); for a CLT the sum of its decoder vectors
+        into every later layer, since each of them stays in the residual stream."""
+        if self.clt:
+            return self.module.W_dec[self.layer][features].detach().sum(1)
+        w = self.module.W_dec[features].detach()
+        if self.hook_in.endswith("hook_z"):
+            n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
+            w = torch.einsum("f h d, h d m -> f m", w.reshape(len(features), n_heads, d_head), model.W_O[self.layer].detach())
+        return w
+
+
+def card_dictionary(suite, name: str) -> CardDictionary:
+    """The dictionary ``name`` (``attn2``, ``mlp1``) of ``suite``; ``mlp{L}`` of a suite with a cross-layer
+    transcoder is that CLT's layer ``L``."""
+    from circuits.sites import site
+
+    s = site(name)
+    clt = getattr(suite, "clt", None)
+    if s.family == "mlp" and clt is not None and s.layer not in suite.transcoders:
+        if not 0 <= s.layer < clt.n_layers:
+            raise KeyError(f"suite {suite.name!r} has no dictionary {name!r}: its cross-layer transcoder has layers "
+                           f"0..{clt.n_layers - 1}")
+        return CardDictionary(name, s.layer, clt.hook_in(s.layer), clt.cfg.d_sae, clt, clt=True)
+    sae = suite.dictionary(name)
+    spec = spec_of(sae)
+    return CardDictionary(name, spec.layer, spec.hook_in, sae.cfg.d_sae, sae)
+
+
 @dataclass
 class CardStats:
     """Step 2's statistics of every feature of one dictionary over one token set."""
@@ -303,21 +367,19 @@ def collect_card_stats(suite, dictionaries: list[str], tokens: TokenSet, config:
     from tqdm.auto import tqdm
 
     model = suite.model
-    saes = {name: suite.dictionary(name) for name in dictionaries}
-    specs = {name: spec_of(sae) for name, sae in saes.items()}
+    saes = {name: card_dictionary(suite, name) for name in dictionaries}
     device = next(model.parameters()).device
     n_rows, n_ctx = tokens.rows.shape
-    widest = max(sae.cfg.d_sae for sae in saes.values())
+    widest = max(sae.d_sae for sae in saes.values())
     batch_rows = max(1, config.batch_elements // (n_ctx * widest))
-    hooks = {spec.hook_in for spec in specs.values()}
-    stop = max(spec.layer for spec in specs.values()) + 1
-    running = {name: RunningStats(sae.cfg.d_sae, config.n_contexts, config.n_bins, device) for name, sae in saes.items()}
+    hooks = {sae.hook_in for sae in saes.values()}
+    stop = max(sae.layer for sae in saes.values()) + 1
+    running = {name: RunningStats(sae.d_sae, config.n_contexts, config.n_bins, device) for name, sae in saes.items()}
     for start in tqdm(range(0, n_rows, batch_rows), desc="feature cards", disable=not progress):
         toks = tokens.rows[start : start + batch_rows].to(device)
         _, cache = model.run_with_cache(toks, names_filter=lambda n: n in hooks, stop_at_layer=stop)
         for name, sae in saes.items():
-            hook = specs[name].hook_in
-            running[name].update(encode(sae, dictionary_input(cache[hook], hook)), start)
+            running[name].update(sae.encode(dictionary_input(cache[sae.hook_in], sae.hook_in)), start)
         del cache
     return {name: r.result() for name, r in running.items()}
 
@@ -402,7 +464,7 @@ def dictionary_stats(suite, dictionaries: Iterable[str], tokens: TokenSet, confi
     """Step 2's statistics of each dictionary, from the cache where it holds them, else from one pass (step 3)."""
     names = list(dict.fromkeys(dictionaries))
     folder = suite_cache_dir(suite, tokens, config, cache_dir)
-    hashes = {n: weights_fingerprint(suite.dictionary(n).state_dict()) for n in names}
+    hashes = {n: weights_fingerprint(card_dictionary(suite, n).state()) for n in names}
     found = {n: s for n in names if (s := load_cached_stats(folder, n, hashes[n])) is not None}
     missing = [n for n in names if n not in found]
     if missing:
@@ -423,14 +485,10 @@ def feature_key(dictionary: str, feature: int) -> str:
 
 
 def logit_weights(suite, dictionary: str, features: list[int]) -> Float[Tensor, "feat d_vocab"]:
-    """Step 4's logit weights: decoder rows (through ``W_O`` for attention SAEs), centred, through ``W_U``."""
-    model, sae = suite.model, suite.dictionary(dictionary)
-    spec = spec_of(sae)
-    w = sae.W_dec[features].detach()
-    if spec.hook_out.endswith("hook_z"):
-        n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
-        w = torch.einsum("f h d, h d m -> f m", w.reshape(len(features), n_heads, d_head), model.W_O[spec.layer].detach())
-    w = w.to(model.W_U.dtype)
+    """Step 4's logit weights: decoder rows (through ``W_O`` for attention SAEs; for a CLT the sum of its
+    decoder vectors into every layer it writes), centred, through ``W_U``."""
+    model = suite.model
+    w = card_dictionary(suite, dictionary).resid_directions(model, features).to(model.W_U.dtype)
     # LayerNorm subtracts the mean over d_model before the unembedding: that part of a direction never reaches it.
     return (w - w.mean(-1, keepdim=True)) @ model.W_U.detach()
 
@@ -495,7 +553,7 @@ def build_feature_cards(suite, features: Iterable[tuple[str, int]], text: CardTe
     if not requests:
         return {}
     for name, feats in requests.items():  # bad names or indices fail before any long work
-        check_features(suite.dictionary(name), name, feats)
+        check_features(card_dictionary(suite, name), name, feats)
     tokens = text if isinstance(text, TokenSet) else card_tokens(suite, text, config)
     description = dict(text=text.describe() if isinstance(text, CardText) else "token rows given by the caller")
     stats = dictionary_stats(suite, requests, tokens, config, cache_dir, progress, description)
@@ -508,10 +566,12 @@ def build_feature_cards(suite, features: Iterable[tuple[str, int]], text: CardTe
             k = min(config.n_logits, weights.shape[-1])
             top, bottom = weights.topk(k, dim=-1), weights.topk(k, dim=-1, largest=False)
             st = stats[name]
+            cd = card_dictionary(suite, name)
+            kind = f"cross-layer transcoder feature of layer {cd.layer}" if cd.clt else "feature"
             for j, f in enumerate(feats):
                 density = int(st.n_active[f]) / max(st.n_tokens, 1)
                 card = dict(
-                    title=f"{name} feature {f} · active on {density:.3%} of {st.n_tokens:,} held-out tokens",
+                    title=f"{name} {kind} {f} · active on {density:.3%} of {st.n_tokens:,} held-out tokens",
                     label="",
                     contexts=_contexts(tokenizer, st, f, tokens.rows, config),
                     top_logits=_logit_list(tokenizer, top.values[j], top.indices[j]),
@@ -571,7 +631,7 @@ def logit_labels(suite, features: Iterable[tuple[str, int]], n: int = 3) -> dict
     with torch.no_grad():
         for name, feats in requests.items():
             feats = list(dict.fromkeys(feats))
-            check_features(suite.dictionary(name), name, feats)
+            check_features(card_dictionary(suite, name), name, feats)
             top = logit_weights(suite, name, feats).topk(n, dim=-1).indices
             for f, ids in zip(feats, top.tolist()):
                 out[feature_key(name, f)] = "→ " + " ".join(_quote(token_text(suite.model.tokenizer, i)) for i in ids)

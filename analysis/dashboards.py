@@ -34,7 +34,6 @@ from analysis.scorecard import (
 )
 from circuits.graph import Node
 from circuits.sites import FEATURE_KINDS
-from saes.dictionary import encode, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +78,17 @@ class DictionaryDashboards:
     vis_data: Any
     activations: FeatureActivations
     scorecards: dict[int, dict[str, Any]]
+
+
+def check_dashboard_dictionaries(suite, names: Iterable[str]) -> None:
+    """Refuse, in one line, dashboards of a cross-layer transcoder's features: sae-vis draws a dictionary with one
+    encoder and one decoder at one hook, and a CLT feature writes into every later layer."""
+    clt_names = [n for n in names if n.startswith("mlp") and getattr(suite, "clt", None) is not None
+                 and n not in suite.dictionaries()]
+    if clt_names:
+        raise ValueError(f"no dashboards for {', '.join(clt_names)} of suite {suite.name!r}: they are cross-layer "
+                         f"transcoder features, which sae-vis cannot draw; drop --dashboards (their feature cards "
+                         f"are still written) or trace with --dictionaries attn")
 
 
 def vis_config(features: list[int]):
@@ -172,6 +182,7 @@ def write_feature_dashboards(suite, requests: dict[str, list[int]], out_dir: Pat
 def _write_dashboards(suite, requests, out_dir: Path, tokens, n_tokens, token_classes, progress, ablation_rows: int = 8):
     if not requests or not any(requests.values()):
         raise ValueError("no features requested; give at least one dictionary with feature indices")
+    check_dashboard_dictionaries(suite, requests)
     for name, feats in requests.items():
         check_features(suite.dictionary(name), name, list(feats))  # fail before any long computation
     tokens = tokens if tokens is not None else heldout_token_set(suite.model, n_tokens)
@@ -199,12 +210,13 @@ def _write_dashboards(suite, requests, out_dir: Path, tokens, n_tokens, token_cl
 
 @torch.inference_mode()
 def prompt_feature_acts(suite, dictionary: str, prompt: str) -> tuple[Tensor, Float[Tensor, "pos d_sae"], Float[Tensor, "pos d_model"]]:
-    model, sae = suite.model, suite.dictionary(dictionary)
-    spec = spec_of(sae)
+    from analysis.cards import card_dictionary
+
+    model, sae = suite.model, card_dictionary(suite, dictionary)  # a CLT's layer too: only its encoder is used
     toks = suite.tokens(prompt)
     resid_hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    _, cache = model.run_with_cache(toks.to(next(model.parameters()).device), names_filter=lambda n: n in (spec.hook_in, resid_hook))
-    acts = encode(sae, dictionary_input(cache[spec.hook_in], spec.hook_in))[0]
+    _, cache = model.run_with_cache(toks.to(next(model.parameters()).device), names_filter=lambda n: n in (sae.hook_in, resid_hook))
+    acts = sae.encode(dictionary_input(cache[sae.hook_in], sae.hook_in))[0]
     return toks.cpu(), acts.float().cpu(), cache[resid_hook][0].float().cpu()
 
 
@@ -216,6 +228,7 @@ def write_prompt_dashboard(suite, dictionary: str, prompt: str, out_path: Path, 
     from sae_vis.data_fetching_fns import parse_prompt_data
     from sae_vis.model_fns import to_resid_dir
 
+    check_dashboard_dictionaries(suite, [dictionary])
     toks, acts, resid = prompt_feature_acts(suite, dictionary, prompt)
     if features is None:
         top = acts[1:].topk(min(top_per_token, acts.shape[-1]), dim=-1)

@@ -4,24 +4,27 @@ Algorithm (circuit-tracer's ``feature_intervention`` is the model for the interf
 dictionaries spliced into the real model with their error terms):
 
 1. *Parse and check* every intervention ``{node: value}`` before any run. Nodes use the node-id syntax of the
-   graphs (``mlp1:613@5``, ``attn2:17@5``, ``mlp1.error@5``, ``attn0.error@3``, ``embed@2``, ``pos_embed@2``;
-   a position may be negative, counted from the end; a ``Node`` object or a graph's node dict is read through
+   graphs (``mlp1:613@5``, ``attn2:17@5``, ``mlp1.error@5``, ``attn0.error@3``, ``mlp1.out@5``, ``embed@2``,
+   ``pos_embed@2``; parsed and written by ``circuits.sites``; a position may be negative, counted from the end; a ``Node`` object or a graph's node dict is read through
    its ``id``). Values are absolute (``0``, ``2.5``, ``"-1"``), a scale of the clean activation (``"*2"``,
    ``"*0"``) or a shift (``"+0.5"``, ``"+-0.5"``). The dictionary, the feature index, the position and the
    value are checked against the suite, and the node against the clean pass: a feature must be active there
    (an inactive feature is no node of the linearised model, and scaling or shifting 0 means nothing), except that
    ``freeze="attention"`` or ``"none"`` accept an absolute value for an inactive feature (switching it on).
 2. *Resolve* each value against the clean pass (``LinearisedModel``) to the activation ``a_new`` the node takes at
-   its position. For error and embedding nodes the activation is the norm of the vector they write: a value
-   rescales that vector by ``a_new / a_clean``, keeping its direction.
+   its position. For error, MLP-output (``mlp1.out@5``, a layer without a transcoder) and embedding nodes the
+   activation is the norm of the vector they write: a value rescales that vector by ``a_new / a_clean``, keeping
+   its direction. A cross-layer transcoder's feature is set at its read layer (``mlp1:613@5`` of a CLT suite).
 3. *Run* under one of three freeze modes:
 
    - ``"all"``: the linearised model with *every other node held at its clean activation*, attention patterns
      and LayerNorm scales frozen (``LinearisedModel.residual(chain=False)``). Only the intervened nodes' writes
      change, so every readout r (the target, a node asked for, a logit) moves by its direct effects,
      ``sum_s (a_new_s - a_s) / a_s * A[r, s]`` with ``A`` the edges of ``circuits.attribution``: an intervention
-     here tests an edge of the graph, exactly (``tests/test_interventions.py``). An attention score is read
-     through its linearisation (``targets.AttentionScoreTarget.read``), as the graph's edges into it are.
+     here tests an edge of the graph, exactly (``tests/test_interventions.py``). The change travels the paths the
+     edges do: through attention layers without an SAE (frozen patterns) and skip paths, and a CLT feature's
+     writes into every later MLP output. An attention score is read through its linearisation
+     (``targets.AttentionScoreTarget.read``), as the graph's edges into it are.
    - ``"attention"``: the real model with the dictionaries spliced in (``hook_z <- attn_sae(z) + error_z``,
      ``hook_mlp_out <- transcoder(ln2) + error``, each error from the same run, so that a run with nothing set is
      the model itself), the attention patterns frozen to the clean pass, LayerNorm and every feature live: the
@@ -29,7 +32,12 @@ dictionaries spliced into the real model with their error terms):
    - ``"none"``: the same with the patterns live too: the effect of the intervention on the real model.
 
    A dictionary that no intervention touches is spliced as the identity (its error term cancels its
-   reconstruction exactly), so it is not run.
+   reconstruction exactly), so it is not run; a site without a dictionary runs as the model does. A skip
+   transcoder's skip path stays live (it is part of the hook's real value; a feature's change adds
+   ``delta @ W_dec``). A cross-layer transcoder is spliced from the lowest layer it is intervened at: a clamped
+   feature's change adds ``delta @ W_dec[L][:, T - L]`` to every MLP output ``T >= L``, and a CLT error at layer
+   ``T`` is that run's MLP output minus what every layer ``<= T`` writes into it. An MLP-output node scales the
+   layer's live output at its position.
 4. *Read* the target (any ``circuits.targets`` spec; by default ``circuits.trace.default_target``) and every node
    asked for before and after, the same way a target is read (a feature's value is its pre-activation, read
    from its input; its activation is reported beside it), and the top logits at the target's position for a
@@ -54,7 +62,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuits.linear_model import LinearisedModel
+from circuits.linear_model import LinearisedModel, skip_weight
+from circuits.sites import ERROR_KINDS, FEATURE_KINDS, TOKEN_KINDS, format_node_id, parse_node_id, site_of
 from circuits.targets import (AttentionScoreTarget, DirectionTarget, FeatureTarget, LogitTarget, Target,
                               parse_target, read_targets)
 from circuits.trace import default_target
@@ -66,12 +75,10 @@ log = logging.getLogger(__name__)
 Freeze = Literal["all", "attention", "none"]
 FREEZE_MODES = ("all", "attention", "none")
 NODE_SYNTAX = ("node syntax: mlpL:F@P | attnL:F@P (features), mlpL.error@P | attnL.error@P (errors), "
-               "embed@P | pos_embed@P")
+               "mlpL.out@P (the MLP output of a layer without a transcoder), embed@P | pos_embed@P")
 VALUE_SYNTAX = 'value syntax: a number (set), "*F" (scale the clean activation), "+D" or "+-D" (shift it)'
 
-_FEATURE_NODE = re.compile(r"^(attn|mlp)(\d+):(\d+)@(-?\d+)$")
-_ERROR_NODE = re.compile(r"^(attn|mlp)(\d+)\.error@(-?\d+)$")
-_EMBED_NODE = re.compile(r"^(embed|pos_embed)@(-?\d+)$")
+_POSITION = re.compile(r"^(?P<body>.*)@(?P<pos>-?\d+)$")
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 
 
@@ -87,16 +94,11 @@ class NodeRef:
 
     @property
     def id(self) -> str:
-        if self.kind in ("embed", "pos_embed"):
-            return f"{self.kind}@{self.pos}"
-        family = "attn" if self.kind.startswith("attn") else "mlp"
-        if self.kind.endswith("error"):
-            return f"{family}{self.layer}.error@{self.pos}"
-        return f"{family}{self.layer}:{self.feature}@{self.pos}"
+        return format_node_id(self.kind, self.layer, self.pos, self.feature)
 
     @property
     def is_feature(self) -> bool:
-        return self.kind in ("attn_feature", "mlp_feature")
+        return self.kind in FEATURE_KINDS
 
 
 @dataclass(frozen=True)
@@ -148,46 +150,61 @@ def parse_node(node: Any, suite: Suite, n_pos: int) -> NodeRef:
     if not isinstance(spec, str):
         raise ValueError(f"cannot read a node from {node!r}; give a node id such as mlp1:613@5 ({NODE_SYNTAX})")
     spec = spec.strip()
+    kind, layer, pos_text = _split_node(spec)
     n_layers = suite.model.cfg.n_layers
-
-    def layer_of(text: str) -> int:
-        layer = int(text)
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"{spec}: layer {layer} does not exist: the model has {n_layers} layers, use 0..{n_layers - 1}")
-        return layer
-
-    def dictionary(family: str, layer: int):
+    pos = _position(pos_text, n_pos, spec)
+    if kind in TOKEN_KINDS:
+        return NodeRef(kind, -1, pos)
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"{spec}: layer {layer} does not exist: the model has {n_layers} layers, use 0..{n_layers - 1}")
+    have = ", ".join(suite.dictionaries()) or "no per-layer dictionaries"
+    if suite.clt is not None:
+        have += " and a cross-layer transcoder"
+    family = site_of(kind, layer).family
+    if kind == "mlp_output":
+        if layer in suite.transcoders or suite.clt is not None:
+            raise ValueError(f"{spec}: layer {layer} has a transcoder, so its MLP output is no node; intervene on its "
+                             f"features or on mlp{layer}.error@{pos}")
+        return NodeRef(kind, layer, pos)
+    if family == "mlp" and suite.clt is not None and layer not in suite.transcoders:
+        d_sae = suite.clt.cfg.d_sae
+    else:
         found = (suite.attn_saes if family == "attn" else suite.transcoders).get(layer)
         if found is None:
-            raise ValueError(f"{spec}: the suite has no {family} dictionary at layer {layer}; it has "
-                             f"{', '.join(suite.dictionaries())}")
-        return found
+            hint = f"; its MLP output is the node mlp{layer}.out@{pos}" if family == "mlp" else ""
+            raise ValueError(f"{spec}: the suite has no {family} dictionary at layer {layer}; it has {have}{hint}")
+        d_sae = found.cfg.d_sae
+    ref = NodeRef(kind, layer, pos, -1 if kind in ERROR_KINDS else _feature_of(spec))
+    if ref.is_feature and not 0 <= ref.feature < d_sae:
+        raise ValueError(f"{spec}: feature {ref.feature} is out of range for {family}{layer}, which has {d_sae} "
+                         f"features: use 0..{d_sae - 1}")
+    return ref
 
-    if m := _FEATURE_NODE.match(spec):
-        family, layer_s, feat_s, pos_s = m.groups()
-        layer = layer_of(layer_s)
-        d_sae, feature = dictionary(family, layer).cfg.d_sae, int(feat_s)
-        if not 0 <= feature < d_sae:
-            raise ValueError(f"{spec}: feature {feature} is out of range for {family}{layer}, which has {d_sae} "
-                             f"features: use 0..{d_sae - 1}")
-        return NodeRef(f"{family}_feature", layer, _position(pos_s, n_pos, spec), feature)
-    if m := _ERROR_NODE.match(spec):
-        family, layer_s, pos_s = m.groups()
-        layer = layer_of(layer_s)
-        dictionary(family, layer)
-        return NodeRef(f"{family}_error", layer, _position(pos_s, n_pos, spec))
-    if m := _EMBED_NODE.match(spec):
-        return NodeRef(m.group(1), -1, _position(m.group(2), n_pos, spec))
+
+def _split_node(spec: str) -> tuple[str, int, str]:
+    """(kind, layer, position text) of a node id whose position may be negative (``circuits.sites`` syntax)."""
     check_node_syntax(spec)
-    raise AssertionError("unreachable: the syntax check accepts only the forms above")
+    m = _POSITION.match(spec)
+    kind, layer, _, _ = parse_node_id(f"{m.group('body')}@0")
+    return kind, layer, m.group("pos")
+
+
+def _feature_of(spec: str) -> int:
+    return parse_node_id(f"{_POSITION.match(spec).group('body')}@0")[3]
 
 
 def check_node_syntax(spec: str) -> None:
     """Raise the parse error of :func:`parse_node` for text that is no node id, without a suite (for early checks)."""
     spec = spec.strip()
-    if any(r.match(spec) for r in (_FEATURE_NODE, _ERROR_NODE, _EMBED_NODE)):
-        return
-    hint = " (a node needs its position: add @P)" if re.match(r"^(attn|mlp)\d+(:\d+|\.error)$|^(pos_)?embed$", spec) else ""
+    m = _POSITION.match(spec)
+    if m is not None:
+        try:
+            parse_node_id(f"{m.group('body')}@0")
+            return
+        except ValueError as e:
+            if "only an MLP output" in str(e):
+                raise ValueError(f"cannot parse node {spec!r}: only an MLP output is a node (mlpL.out@P); {NODE_SYNTAX}") from None
+    hint = " (a node needs its position: add @P)" if re.match(r"^(attn|mlp)\d+(:\d+|\.error|\.out)$|^(pos_)?embed$", spec) else ""
     raise ValueError(f"cannot parse node {spec!r}{hint}; {NODE_SYNTAX}")
 
 
@@ -365,22 +382,35 @@ def _frozen_effects(lm: LinearisedModel, resolved: list[_Resolved], readouts: li
     """Changes of the readouts and of the logits at ``logit_pos`` with only the intervened nodes' writes changed.
 
     Every reader is affine in the residual stream, so its change is its reading of the residual that the *changes*
-    alone write, minus its reading of a zero residual: no cancellation against the clean value.
+    alone write, minus its reading of a zero residual: no cancellation against the clean value. A change reaches
+    later readers also through the linear stages (attention layers without an SAE, with their patterns frozen, and
+    skip paths), and a cross-layer transcoder's feature writes into every later MLP stage too: the same paths as
+    the graph's edges.
     """
     d_model = lm.cfg.d_model
-    change = torch.zeros(lm.final_stage + 1, lm.n_pos, d_model, dtype=lm.dtype, device=lm.device)  # by stage written
+    change = torch.zeros(lm.final_stage, lm.n_pos, d_model, dtype=lm.dtype, device=lm.device)  # by stage written
     for r in resolved:
         g = lm.groups[r.group]
         act = torch.zeros(1, lm.n_pos, g.width, dtype=lm.dtype, device=lm.device)
         act[0, r.ref.pos, r.slot] = r.new - r.clean
-        change[g.stage + 1] += lm.write(g, act)[0]
-    below = torch.cumsum(change, 0)  # below[t]: what the changes write into the residual read at stage t
+        change[g.stage] += lm.write(g, act)[0]
+        for i, stage, dirs in lm.extra_writes:
+            if i == r.group:
+                change[stage] += torch.einsum("bpm,pmd->pd", act, dirs)
+    resid = torch.zeros(1, lm.n_pos, d_model, dtype=lm.dtype, device=lm.device)
+    below = [resid]  # below[t]: what the changes write into the residual read at stage t
+    for stage in range(lm.final_stage):
+        writes = change[stage][None]
+        if stage in lm.linear_stages:  # linear without its constant: it passes the changes on
+            writes = writes + lm.pass_through(stage, resid)
+        resid = resid + writes
+        below.append(resid)
     zero = torch.zeros(1, lm.n_pos, d_model, dtype=lm.dtype, device=lm.device)
     out = []
     for t in readouts:
-        resid = below[t.stage(lm)][None]
+        resid = below[t.stage(lm)]
         out.append((read_targets(lm, [t], resid) - read_targets(lm, [t], zero))[0])
-    logits = lm.logits_from(below[lm.final_stage][None])[0, logit_pos] - lm.logits_from(zero)[0, logit_pos]
+    logits = lm.logits_from(below[lm.final_stage])[0, logit_pos] - lm.logits_from(zero)[0, logit_pos]
     return torch.stack(out), logits
 
 
@@ -403,14 +433,49 @@ def _spliced_run(lm: LinearisedModel, tokens: Int[Tensor, "1 pos"], resolved: li
     run = _Run(logits=torch.empty(0))
     by_dict: dict[tuple[str, int], list[_Resolved]] = {}
     scales: dict[str, list[_Resolved]] = {}
+    clt = suite.clt
     for r in resolved:
         if r.ref.is_feature:
             by_dict.setdefault((r.ref.kind, r.ref.layer), []).append(r)
         else:
             family = "attn_feature" if r.ref.kind == "attn_error" else "mlp_feature"
-            if r.ref.kind in ("attn_error", "mlp_error"):
+            if r.ref.kind in ERROR_KINDS:
                 by_dict.setdefault((family, r.ref.layer), [])
             scales.setdefault(r.ref.kind if r.ref.layer < 0 else f"{r.ref.kind}{r.ref.layer}", []).append(r)
+    # A cross-layer transcoder is spliced from the lowest layer it is intervened at up: a feature clamped at its
+    # read layer changes every later MLP output it writes into, and an error needs every layer's reconstruction.
+    clt_layers = [layer for kind, layer in by_dict if kind == "mlp_feature"] if clt is not None else []
+    clt_from = min(clt_layers) if clt_layers else None
+    clt_deltas: dict[int, Tensor] = {}  # read layer -> (new - live) activations of its clamped features
+
+    def set_values(acts: Tensor, items: list[_Resolved]) -> Tensor:
+        new = acts.clone()
+        for r in items:
+            new[r.ref.pos, r.ref.feature] = r.new
+            if new.shape[0] > n_prompt:
+                new[n_prompt:, r.ref.feature] = r.value.apply(acts[n_prompt:, r.ref.feature])
+        return new
+
+    def splice_clt(layer: int, out: Tensor) -> Tensor:
+        """``out`` with every clamped CLT feature of layers <= ``layer`` writing its change into it, and this
+        layer's error scaled (the error of this run: ``out`` minus what every layer <= this one writes)."""
+        x = run.seen[f"blocks.{layer}.ln2.hook_normalized"]
+        if ("mlp_feature", layer) in by_dict:
+            acts = clt.encode(layer, x)
+            new = set_values(acts, [r for r in by_dict[("mlp_feature", layer)] if r.ref.is_feature])
+            run.acts[("mlp_feature", layer)] = new
+            clt_deltas[layer] = new - acts
+        for src, delta in clt_deltas.items():
+            out = out + delta @ clt.W_dec[src][:, layer - src]
+        errors = scales.get(f"mlp_error{layer}", [])
+        if errors:
+            acts = {l: run.acts.get(("mlp_feature", l), clt.encode(l, run.seen[f"blocks.{l}.ln2.hook_normalized"]))
+                    for l in range(layer + 1)}
+            recon = clt.b_dec[layer] + sum(acts[l] @ clt.W_dec[l][:, layer - l] for l in range(layer + 1))
+            error = out - recon
+            for r in errors:
+                out[r.ref.pos] = out[r.ref.pos] + (r.new / r.clean - 1) * error[r.ref.pos]
+        return out
 
     def clamp(kind: str, layer: int, x: Tensor, out: Tensor) -> Tensor:
         """``out`` (the real hook value) with the dictionary spliced in and its interventions applied.
@@ -420,16 +485,14 @@ def _spliced_run(lm: LinearisedModel, tokens: Int[Tensor, "1 pos"], resolved: li
         """
         sae = suite.attn_saes[layer] if kind == "attn_feature" else suite.transcoders[layer]
         acts = encode(sae, x)
-        new = acts.clone()
-        for r in by_dict[(kind, layer)]:
-            new[r.ref.pos, r.ref.feature] = r.new
-            if new.shape[0] > n_prompt:
-                new[n_prompt:, r.ref.feature] = r.value.apply(acts[n_prompt:, r.ref.feature])
+        new = set_values(acts, by_dict[(kind, layer)])
         run.acts[(kind, layer)] = new
-        out = out + (new - acts) @ sae.W_dec
+        out = out + (new - acts) @ sae.W_dec  # a skip transcoder's skip path stays in ``out``, live
         error_kind = "attn_error" if kind == "attn_feature" else "mlp_error"
         for r in scales.get(f"{error_kind}{layer}", []):
             error = out - (new @ sae.W_dec + sae.b_dec)  # the error term of this run at the node's position
+            if kind == "mlp_feature" and skip_weight(sae) is not None:  # the skip path is no part of the error
+                error = error - x @ skip_weight(sae).T
             out[r.ref.pos] = out[r.ref.pos] + (r.new / r.clean - 1) * error[r.ref.pos]
         return out
 
@@ -443,7 +506,15 @@ def _spliced_run(lm: LinearisedModel, tokens: Int[Tensor, "1 pos"], resolved: li
 
     def splice_mlp(out, hook):
         layer = hook.layer()
+        if clt is not None:
+            return splice_clt(layer, out[0].clone())[None]
         return clamp("mlp_feature", layer, run.seen[f"blocks.{layer}.ln2.hook_normalized"], out[0].clone())[None]
+
+    def scale_output(out, hook):  # an MLP output node: the layer's live output scaled at its position
+        out = out.clone()
+        for r in scales.get(f"mlp_output{hook.layer()}", []):
+            out[:, r.ref.pos] *= r.new / r.clean
+        return out
 
     def scale_embed(x, hook):
         x = x.clone()
@@ -457,11 +528,16 @@ def _spliced_run(lm: LinearisedModel, tokens: Int[Tensor, "1 pos"], resolved: li
         return p
 
     need = set(capture)
-    need |= {f"blocks.{layer}.ln2.hook_normalized" for kind, layer in by_dict if kind == "mlp_feature"}
+    mlp_layers = {layer for kind, layer in by_dict if kind == "mlp_feature"}
+    if clt_from is not None:  # every layer from the lowest clamped one up; an error reads every layer below it
+        mlp_layers = set(range(clt_from, lm.n_layers))
+        need |= {f"blocks.{layer}.ln2.hook_normalized" for layer in range(lm.n_layers)}
+    need |= {f"blocks.{layer}.ln2.hook_normalized" for layer in mlp_layers}
     hooks = [(name, record) for name in sorted(need)]  # first, so they see the values before any splice
-    for kind, layer in by_dict:
-        hooks.append((f"blocks.{layer}.attn.hook_z", splice_z) if kind == "attn_feature"
-                     else (f"blocks.{layer}.hook_mlp_out", splice_mlp))
+    hooks += [(f"blocks.{layer}.attn.hook_z", splice_z) for kind, layer in by_dict if kind == "attn_feature"]
+    hooks += [(f"blocks.{layer}.hook_mlp_out", splice_mlp) for layer in sorted(mlp_layers)]
+    hooks += [(f"blocks.{layer}.hook_mlp_out", scale_output)
+              for layer in sorted({r.ref.layer for r in resolved if r.ref.kind == "mlp_output"})]
     hooks += [(name, scale_embed) for name in ("hook_embed", "hook_pos_embed") if name[5:] in scales]
     if freeze == "attention":
         hooks += [(f"blocks.{layer}.attn.hook_pattern", frozen_pattern) for layer in range(lm.n_layers)]

@@ -1,8 +1,9 @@
 """Tracing one prompt end to end: the library call behind ``circuits trace``.
 
 1. Tokenise the prompt (``Suite.tokens`` refuses empty or too-long prompts) and build the linearised model.
-2. Choose the target: the parsed text spec, or by default the most active transcoder feature at the last
-   position of the deepest layer.
+2. Choose the target: the parsed text spec, or by default the most active transcoder (or cross-layer
+   transcoder) feature at the last position in the deepest layer with one active there; without any, the most
+   active attention feature there (``default_target``).
 3. Attribute (hierarchical pass, then batched edges), checking every node's completeness identity.
 4. Build the ``Circuit`` (tensors); add the QK pair decomposition for an attention-score target.
 5. Graph influence, the scores, and pruning by influence (``influence.score_and_prune``): the circuit keeps
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+
+import torch
 
 from circuits.attribution import Attribution, attribute
 from circuits.faithfulness import faithfulness_curve
@@ -38,14 +41,19 @@ class Trace:
 
 
 def default_target(lm: LinearisedModel) -> FeatureTarget:
-    """The most active transcoder feature at the last position of the deepest layer."""
-    layer = lm.n_layers - 1
-    group = lm.feature_group("mlp_feature", layer)
+    """The most active MLP feature (transcoder or cross-layer transcoder) at the last position, in the deepest
+    layer that has one active there; failing that, the most active attention feature at the last position in the
+    deepest attention-SAE layer that has one; else a ValueError asking for an explicit target."""
     pos = lm.n_pos - 1
-    if not group.mask[pos].any():
-        raise ValueError(f"no transcoder feature of layer {layer} is active at the last position; give --target explicitly")
-    j = int(group.activation[pos].argmax())
-    return FeatureTarget("mlp_feature", layer, int(group.feature[pos, j]), pos)
+    for kind in ("mlp_feature", "attn_feature"):
+        groups = sorted((g for g in lm.groups if g.kind == kind), key=lambda g: g.layer, reverse=True)
+        for group in groups:
+            if group.mask[pos].any():
+                j = int(torch.where(group.mask[pos], group.activation[pos], -torch.inf).argmax())
+                return FeatureTarget(kind, group.layer, int(group.feature[pos, j]), pos)
+    have = ", ".join(lm.suite.dictionaries()) or ("a cross-layer transcoder" if lm.suite.clt is not None else "no dictionaries")
+    raise ValueError(f"no dictionary feature is active at the last position (the suite has {have}), so there is no "
+                     f"default target; give one with --target, e.g. --target 'logit:\" x\"'")
 
 
 def qk_table(lm: LinearisedModel, result: Attribution, target: AttentionScoreTarget) -> dict:

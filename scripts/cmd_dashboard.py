@@ -54,11 +54,12 @@ def _check_n_tokens(n: int | None) -> None:
 def run_dashboard(args: argparse.Namespace) -> int:
     features = parse_features(args.features)
     _check_n_tokens(args.n_tokens)
-    from analysis.dashboards import _write_dashboards, write_prompt_dashboard
+    from analysis.dashboards import _write_dashboards, check_dashboard_dictionaries, write_prompt_dashboard
     from analysis.scorecard import check_features, heldout_token_set, parse_token_class
 
     claim = parse_token_class(args.token) if args.token is not None else None
     suite = load_suite_from_args(args)
+    check_dashboard_dictionaries(suite, [args.dictionary])
     check_features(suite.dictionary(args.dictionary), args.dictionary, features)
     tokens = heldout_token_set(suite.model, args.n_tokens)
     claims = {(args.dictionary, f): claim for f in features} if claim else None

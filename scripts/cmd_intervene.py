@@ -20,14 +20,14 @@ def register(subparsers) -> None:
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="the text to run the model on")
     p.add_argument("--set", dest="sets", action="append", required=True, metavar="NODE=VALUE",
-                   help="a node (mlpL:F@P, attnL:F@P, mlpL.error@P, attnL.error@P, embed@P, pos_embed@P) and its value: "
+                   help="a node (mlpL:F@P, attnL:F@P, mlpL.error@P, attnL.error@P, mlpL.out@P, embed@P, pos_embed@P) and its value: "
                         "a number (set), *F (scale the clean activation, e.g. *0 or *2) or +D / +-D (shift it); "
                         "repeat for several nodes")
     p.add_argument("--freeze", choices=["all", "attention", "none"], default="all",
                    help="what stays at the clean pass (default: all)")
     p.add_argument("--target", default=None,
                    help='what to read: mlpL:F[@P], attnL:F[@P], logit:"tok"[-"tok"][@P], logit:#id, attnL.H:Q->K; '
-                        "default: the most active transcoder feature at the last position of the deepest layer")
+                        "default: the trace default (the most active transcoder feature at the last position, deepest layer first)")
     p.add_argument("--node", dest="nodes", action="append", default=[], metavar="SPEC",
                    help="also read this feature or target before and after (repeatable)")
     p.add_argument("--generate", type=int, default=0, metavar="N",

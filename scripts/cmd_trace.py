@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", required=True, help="the text to run the model on")
     p.add_argument("--target", default=None,
                    help='what to explain: mlpL:F[@P], attnL:F[@P], logit:"tok"[-"tok"][@P], logit:#id, attnL.H:Q->K; '
-                        "default: the most active transcoder feature at the last position of the deepest layer")
+                        "default: the most active transcoder feature at the last position, in the deepest layer with one "
+                        "active there (an attention feature if no transcoder feature is)")
     p.add_argument("--threshold", type=float, default=0.01,
                    help="drop nodes with |T_s| < threshold * |target| during the backward walk (0 keeps every active node)")
     p.add_argument("--batch-size", type=int, default=64, help="readers per batched backward pass")
@@ -47,7 +48,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-faithfulness", action="store_true", help="skip the ablation curve")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--dashboards", action="store_true",
-                   help="also write a dashboard with scorecard for every shown feature node (out/dashboards/) and link them from their cards")
+                   help="also write a dashboard with scorecard for every shown feature node (out/dashboards/) and link them from "
+                        "their cards (not for cross-layer transcoder features, which sae-vis cannot draw)")
     p.add_argument("--out", type=Path, required=True, help="folder for the output files (created if missing)")
     add_card_args(p)
     p.set_defaults(handler=run)
@@ -99,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
     check_out_dir(out)
     suite = load_suite_from_args(args)
     check_card_args(args, suite)
+    if args.dashboards and suite.clt is not None:
+        from analysis.dashboards import check_dashboard_dictionaries
+
+        check_dashboard_dictionaries(suite, [f"mlp{l}" for l in range(suite.n_layers)])
     result = trace(suite, args.prompt, args.target, threshold=args.threshold, batch_size=args.batch_size,
                    faithfulness=not args.no_faithfulness, progress=not args.no_progress, prune=prune)
     circuit = result.circuit

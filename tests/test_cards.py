@@ -337,3 +337,87 @@ def test_shape_annotations_hold(tiny):
     checked(RunningStats.update)(r, torch.rand(2, 5, 4), 0)
     with pytest.raises(TypeCheckError):
         checked(cards_mod.first_range)(torch.ones(2, 2))
+
+
+def tiny_clt(suite, d_sae=24, seed=12):
+    """The tiny suite's model with a random ReLU cross-layer transcoder in place of its transcoders."""
+    from saes.clt import CLTConfig, CrossLayerTranscoder
+
+    cfg = suite.model.cfg
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=cfg.n_layers, d_model=cfg.d_model, d_sae=d_sae))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / cfg.d_model**0.5)
+        clt.b_enc.add_(0.1)
+    for p in clt.parameters():
+        p.requires_grad_(False)
+    return Suite(name=suite.name + "-clt", model=suite.model, attn_saes=dict(suite.attn_saes), transcoders={}, clt=clt, info={})
+
+
+def test_cross_layer_transcoder_cards_read_its_layer_and_sum_its_writes(tiny, tmp_path):
+    suite, tokens = tiny
+    clt_suite = tiny_clt(suite)
+    clt = clt_suite.clt
+    stats = collect_card_stats(clt_suite, ["mlp1"], tokens, SMALL, progress=False)["mlp1"]
+    hook = "blocks.1.ln2.hook_normalized"
+    with torch.no_grad():
+        dense = []
+        for start in range(0, len(tokens.rows), 3):
+            _, cache = suite.model.run_with_cache(tokens.rows[start : start + 3], names_filter=lambda n: n == hook)
+            dense.append(clt.encode(1, cache[hook]))
+    acts = torch.cat(dense)[:, 1:].reshape(-1, clt.cfg.d_sae)
+    assert torch.equal(stats.n_active, (acts > 0).sum(0)) and stats.n_active.any()
+    # layer 0's features write into both layers; every write reaches the unembedding, centred by the final LN
+    W_U = suite.model.W_U.detach()
+    for f in (0, 5):
+        vecs = clt.decoder_vectors(0, f)
+        assert vecs.shape[0] == 2
+        expected = sum((v - v.mean()) @ W_U for v in vecs)
+        torch.testing.assert_close(logit_weights(clt_suite, "mlp0", [f])[0], expected, rtol=1e-4, atol=1e-5)
+    cards = build_feature_cards(clt_suite, [("mlp0", 5), ("mlp1", 3), ("attn0", 5)], tokens, cache_dir=tmp_path,
+                                progress=False, config=SMALL)
+    assert set(cards) == {"mlp0:5", "mlp1:3", "attn0:5"} and all(set(c) == CARD_KEYS for c in cards.values())
+    assert "cross-layer transcoder" in cards["mlp1:3"]["title"] and "cross-layer" not in cards["attn0:5"]["title"]
+    labels = cards_mod.logit_labels(clt_suite, [("mlp0", 5)])
+    assert set(labels) == {"mlp0:5"}
+    with pytest.raises(IndexError, match="out of range for mlp1"):
+        build_feature_cards(clt_suite, [("mlp1", 24)], tokens, cache_dir=tmp_path, progress=False)
+
+
+def test_skip_transcoder_cards_are_those_of_its_features(tiny, tmp_path):
+    import copy
+
+    suite, tokens = tiny
+    tc = copy.deepcopy(suite.transcoders[1])
+    tc.W_skip = torch.nn.Parameter(torch.randn(tc.W_dec.shape[1], tc.W_enc.shape[0]), requires_grad=False)
+    skip = Suite(name=suite.name, model=suite.model, attn_saes=suite.attn_saes, transcoders={**suite.transcoders, 1: tc}, info={})
+    plain = build_feature_cards(suite, [("mlp1", 3)], tokens, cache_dir=tmp_path / "a", progress=False, config=SMALL)
+    with_skip = build_feature_cards(skip, [("mlp1", 3)], tokens, cache_dir=tmp_path / "b", progress=False, config=SMALL)
+    assert with_skip == plain  # the skip path is not a feature: it changes neither activations nor logits
+
+
+def test_dashboards_refuse_cross_layer_transcoder_features_in_one_line(tiny):
+    from analysis.dashboards import check_dashboard_dictionaries
+
+    clt_suite = tiny_clt(tiny[0])
+    check_dashboard_dictionaries(clt_suite, ["attn0", "attn1"])  # attention SAEs are drawn as usual
+    with pytest.raises(ValueError, match="cross-layer transcoder features, which sae-vis cannot draw") as e:
+        check_dashboard_dictionaries(clt_suite, ["attn0", "mlp1"])
+    assert "\n" not in str(e.value) and "mlp1" in str(e.value)
+
+
+def test_a_traced_clt_circuit_gets_a_card_and_label_for_every_feature_node(tiny, tmp_path):
+    """The command line's path: trace, the circuit's features, cards from a text file (what failed before on CLTs)."""
+    from circuits.trace import trace
+
+    clt_suite = tiny_clt(tiny[0])
+    circuit = trace(clt_suite, "import os\nfor i in range(3):", None, threshold=0.02, progress=False, faithfulness=False).circuit
+    feats = circuit_features(circuit.nodes())
+    assert any(d.startswith("mlp") for d, _ in feats)
+    (tmp_path / "text.py").write_text(TINY_TEXT)
+    args = argparse.Namespace(cards_text=str(tmp_path / "text.py"), cards_tokens=500, cards_cache=tmp_path / "cache",
+                              no_cards=False, labels="auto", no_progress=True)
+    cards, labels, note = cards_from_args(args, clt_suite, feats)
+    keys = {f"{d}:{f}" for d, f in feats}
+    assert note is None and set(cards) == keys and set(labels) == keys

@@ -134,6 +134,31 @@ def test_attribution_graph_conforms_to_circuit_tracer_models(suite, spec, tmp_pa
     assert feature_nodes and all(n["clerp"].startswith("label of ") for n in feature_nodes)
 
 
+@pytest.mark.parametrize("selection", ["mlp", "attn,mlp1", "all+clt"])
+def test_attribution_graph_of_partial_and_clt_suites_conforms_to_circuit_tracer_models(suite, selection, tmp_path):
+    """Transcoders only (attention passed through), a layer without a transcoder (its MLP output nodes) and a
+    cross-layer transcoder: the export validates and keeps every node and edge of the circuit."""
+    graph_models = pytest.importorskip("circuit_tracer.frontend.graph_models")
+    from test_circuits_identities import with_clt
+
+    spec, _, extra = selection.partition("+")
+    part = with_clt(suite.select(spec)) if extra else suite.select(spec)
+    c = trace(part, PROMPT, 'logit:#5-#7', threshold=0.02, progress=False, faithfulness=False).circuit
+    write_attribution_graph(c, tmp_path / "ag.json", labels={nid: f"label of {nid}" for nid in c.ids if ":" in nid}, full=True)
+    data = json.loads((tmp_path / "ag.json").read_text())
+    model = graph_models.Model(**data)
+    for link in data["links"]:
+        graph_models.Link(**link)
+    assert len(model.nodes) == c.n_nodes and len(data["links"]) == c.n_edges
+    assert {n.feature_type for n in model.nodes} <= NEURONPEDIA_TYPES
+    kinds = set(c.counts())
+    assert ("mlp_output" in kinds) == (selection == "attn,mlp1")
+    assert "mlp_feature" in kinds and ("attn_feature" in kinds) == (selection != "mlp")
+    payload = explorer_payload(c)
+    json.dumps(payload)
+    assert len(payload["nodes"]["id"]) == c.n_nodes
+
+
 def test_influence_agrees_with_circuit_tracer_on_the_dense_matrix(suite):
     ct_graph = pytest.importorskip("circuit_tracer.graph")
     c = trace(suite, "import os", "logit:#5-#7", threshold=0.0, progress=False, faithfulness=False, prune=None).circuit

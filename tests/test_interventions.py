@@ -16,6 +16,7 @@ import torch
 from circuits.attribution import attribute
 from circuits.interventions import intervene, parse_node, parse_value
 from circuits.linear_model import LinearisedModel
+from circuits.sites import format_node_id
 from circuits.targets import FeatureTarget, LogitTarget, parse_target
 from saes.suite import Suite
 from saes.testing import make_suite
@@ -51,11 +52,7 @@ def top_feature(lm, kind, layer, pos=-1, rank=0):
 
 
 def spec_of_column(index, c):
-    kind, layer, pos, feat = index.kind(c), index.layer(c), int(index.pos[c]), int(index.feature[c])
-    if kind in ("embed", "pos_embed"):
-        return f"{kind}@{pos}"
-    family = "attn" if kind.startswith("attn") else "mlp"
-    return f"{family}{layer}.error@{pos}" if kind.endswith("error") else f"{family}{layer}:{feat}@{pos}"
+    return format_node_id(index.kind(c), index.layer(c), int(index.pos[c]), int(index.feature[c]))
 
 
 # ---------------------------------------------------------------------------------------------- everything frozen
@@ -403,3 +400,149 @@ def test_mini_strongest_edge_by_intervention():
     assert res.target.change == pytest.approx(-strongest.weight, abs=1e-4 * max(1.0, abs(res.target.clean)))
     live = intervene(suite, prompt, {strongest.source: "*0"}, freeze="none", lm=t.model)
     assert live.target.clean == pytest.approx(res.target.clean, abs=1e-5) and live.target.change != 0
+
+
+# ---------------------------------------------------------------------------------------------- partial, skip, CLT suites
+PARTIAL = ["mlp", "attn,mlp1", "mlp+skip", "mlp+clt", "attn1+clt"]
+
+
+@pytest.fixture(scope="module", params=PARTIAL)
+def partial(request, one_torch_thread):
+    """(suite, lm) of a float64 tiny suite: transcoders only (every attention layer passes through), no transcoder
+    at layer 0 (its MLP output a node), a skip transcoder at every layer, a cross-layer transcoder."""
+    from test_circuits_identities import with_clt, with_skip
+
+    spec, _, extra = request.param.partition("+")
+    full = make_suite(n_layers=2, d_sae=32, dtype=torch.float64, seed=3)
+    suite = full.select(spec)
+    suite = with_skip(suite) if extra == "skip" else with_clt(suite) if extra == "clt" else suite
+    return suite, LinearisedModel(suite, suite.tokens(PROMPT))
+
+
+node_id = spec_of_column
+
+
+def test_frozen_identity_on_partial_skip_and_clt_suites(partial):
+    """delta / activation x edge, for sources of every kind the suite has (``mlp_output`` nodes included) and every
+    reader: edges through pass-through attention, skip paths and a CLT's later writes are what the frozen run sees."""
+    suite, lm = partial
+    toks = suite.model.to_tokens(PROMPT)[0]
+    target = LogitTarget((int(toks[3]), int(toks[5])), (1.0, -1.0), lm.n_pos - 1)
+    a = attribute(lm, target, threshold=0.0, progress=False)
+    index = a.index
+    readers = [index.feature_target(int(c)) for c in a.reader_cols[1:]]
+    edge = {(int(s), int(d)): float(w) for s, d, w in zip(a.edge_src, a.edge_dst, a.edge_weight)}
+    kinds = sorted({index.kind(s) for s, _ in edge})
+    sources = []
+    for kind in kinds:
+        cols = sorted({s for s, _ in edge if index.kind(s) == kind}, key=lambda s: -abs(edge.get((s, 0), 0.0)))
+        sources += cols[:2]
+    if suite.clt is None and len(suite.transcoders) < suite.n_layers:
+        assert "mlp_output" in kinds
+    nodes = readers[:8]
+    assert nodes, "the graph should have feature readers"
+    for s in sources:
+        res = intervene(suite, PROMPT, {node_id(index, s): "*1.5"}, freeze="all", target=target, nodes=nodes, lm=lm)
+        for r, out in enumerate([res.target, *res.nodes]):
+            expect = 0.5 * edge.get((s, r), 0.0)
+            assert out.change == pytest.approx(expect, abs=1e-9 * max(1.0, abs(out.clean))), (node_id(index, s), out.spec)
+    moved = [edge[s, 0] for s in sources if (s, 0) in edge]
+    assert len(moved) >= len(kinds) and any(abs(w) > 1e-6 for w in moved)
+
+
+def hand_live(suite, tokens, feature=None, output=None):
+    """The real model with, by hand, one feature clamped (``(layer, pos, f, value)`` at an MLP layer: the change of
+    its activation times each of its decoder rows added to the MLP outputs it writes, a CLT's every later one) or
+    one MLP output scaled (``(layer, pos, factor)``). Returns every ln2.hook_normalized seen."""
+    model, seen = suite.model, {}
+
+    def grab(x, hook):
+        seen[hook.name] = x[0].clone()
+
+    def at_mlp(out, hook):
+        T = hook.layer()
+        out = out.clone()
+        if feature is not None:
+            L, p, f, value = feature
+            if suite.clt is not None and T >= L:
+                x = seen[f"blocks.{L}.ln2.hook_normalized"][p]
+                act = torch.relu(x @ suite.clt.W_enc[L][:, f] + suite.clt.b_enc[L][f])
+                out[0, p] += (value - act) * suite.clt.W_dec[L][f, T - L]
+            elif suite.clt is None and T == L:
+                tc = suite.transcoders[L]
+                act = torch.relu(seen[f"blocks.{L}.ln2.hook_normalized"][p] @ tc.W_enc[:, f] + tc.b_enc[f])
+                out[0, p] += (value - act) * tc.W_dec[f]  # the skip path is in ``out``: it stays live
+        if output is not None and output[0] == T:
+            out[0, output[1]] *= output[2]
+        return out
+
+    hooks = []
+    for l in range(model.cfg.n_layers):
+        hooks += [(f"blocks.{l}.ln2.hook_normalized", grab), (f"blocks.{l}.hook_mlp_out", at_mlp)]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        model(tokens)
+    return seen
+
+
+def test_live_runs_on_partial_skip_and_clt_suites_equal_a_hand_written_hook(partial):
+    suite, lm = partial
+    pos = 4
+    reader_layer = 1
+    if suite.clt is None and reader_layer not in suite.transcoders:
+        pytest.skip("no transcoder at layer 1 to read")
+    f1 = int(lm.feature_group("mlp_feature", 1).feature[-1, 0])
+    reader = f"mlp1:{f1}@-1"
+    if suite.clt is not None or 0 in suite.transcoders:
+        g = lm.feature_group("mlp_feature", 0)
+        f = int(g.feature[pos, int(g.activation[pos].argmax())])
+        a0 = float(g.activation[pos].max())
+        spec, kwargs = f"mlp0:{f}@{pos}", dict(feature=(0, pos, f, 3 * a0))
+    else:
+        spec, kwargs = f"mlp0.out@{pos}", dict(output=(0, pos, 3.0))
+    res = intervene(suite, PROMPT, {spec: "*3"}, freeze="none", target=reader, lm=lm)
+    seen = hand_live(suite, lm.tokens, **kwargs)
+    x = seen["blocks.1.ln2.hook_normalized"][lm.n_pos - 1]
+    enc = lm.dictionary("mlp_feature", 1)
+    assert res.target.intervened == pytest.approx(float(x @ enc.W_enc[:, f1] + enc.b_enc[f1]), abs=1e-9)
+    assert abs(res.target.change) > 1e-6
+    # nothing set: the spliced run is the model itself
+    same = intervene(suite, PROMPT, {spec: "*1"}, freeze="none", target=reader, lm=lm)
+    assert same.target.change == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mlp_output_nodes_and_clt_errors_parse_against_the_suite(partial):
+    suite, lm = partial
+    if suite.clt is None and 0 not in suite.transcoders:
+        assert parse_node("mlp0.out@-1", suite, lm.n_pos).id == f"mlp0.out@{lm.n_pos - 1}"
+        with pytest.raises(ValueError, match="its MLP output is the node mlp0.out@2"):
+            parse_node("mlp0:1@2", suite, lm.n_pos)
+    else:
+        with pytest.raises(ValueError, match="layer 0 has a transcoder, so its MLP output is no node"):
+            parse_node("mlp0.out@2", suite, lm.n_pos)
+        assert parse_node("mlp0.error@2", suite, lm.n_pos).kind == "mlp_error"
+    with pytest.raises(ValueError, match="only an MLP output is a node"):
+        parse_node("attn0.out@2", suite, lm.n_pos)
+
+
+def test_live_clt_error_scale_equals_a_hand_written_hook(partial):
+    suite, lm = partial
+    if suite.clt is None:
+        pytest.skip("a cross-layer transcoder's error")
+    clt, model, p = suite.clt, suite.model, lm.n_pos - 1
+    res = intervene(suite, PROMPT, {f"mlp0.error@{p - 2}": "*2.5"}, freeze="none", target=LogitTarget((3,), (1.0,), p),
+                    lm=lm)
+    seen = {}
+
+    def grab(x, hook):
+        seen[hook.name] = x[0].clone()
+
+    def scale_error(out, hook):
+        recon = clt.b_dec[0] + torch.relu(seen["blocks.0.ln2.hook_normalized"] @ clt.W_enc[0] + clt.b_enc[0]) @ clt.W_dec[0][:, 0]
+        out = out.clone()
+        out[0, p - 2] += 1.5 * (out[0, p - 2] - recon[p - 2])
+        return out
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[("blocks.0.ln2.hook_normalized", grab), ("blocks.0.hook_mlp_out", scale_error)]):
+        logits = model(lm.tokens)[0]
+    assert res.target.intervened == pytest.approx(float(logits[p, 3]), abs=1e-9)
+    assert abs(res.target.change) > 1e-6

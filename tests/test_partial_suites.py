@@ -125,3 +125,27 @@ def test_random_gpt2_shaped_partial_suites_certify(one_torch_thread):
         assert a.max_relative_residual <= 1e-4
         kinds = {a.index.kind(int(c)) for c in a.reader_cols[1:].tolist()}
         assert kinds == {k for k, store in (("attn_feature", lm.suite.attn_saes), ("mlp_feature", lm.suite.transcoders)) if store}
+
+
+@pytest.mark.parametrize("selection", ["all", "attn1,mlp0", "attn", "none", "mlp+clt"])
+def test_default_target_is_the_deepest_active_feature_at_the_last_position(selection):
+    from test_circuits_identities import with_clt
+
+    from circuits.trace import default_target
+
+    spec, _, extra = selection.partition("+")
+    base = make_suite(n_layers=2, d_sae=32, dtype=torch.float64, seed=3)
+    suite = with_clt(base.select(spec)) if extra else base.select(spec)
+    lm = LinearisedModel(suite, suite.tokens("import os\nfor i in range(3):"))
+    last = lm.n_pos - 1
+    active = {(g.kind, g.layer): g for g in lm.groups if g.is_feature and g.mask[last].any()}
+    if not active:
+        with pytest.raises(ValueError, match="give one with --target"):
+            default_target(lm)
+        return
+    t = default_target(lm)
+    mlp = [l for k, l in active if k == "mlp_feature"]
+    kind, layer = ("mlp_feature", max(mlp)) if mlp else ("attn_feature", max(l for _, l in active))
+    g = active[(kind, layer)]
+    assert (t.kind, t.layer, t.pos) == (kind, layer, last)
+    assert t.feature == int(g.feature[last][g.activation[last].argmax()])

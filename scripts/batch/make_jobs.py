@@ -117,10 +117,11 @@ def trace_jobs(suite, source: str, rule: TargetRule, max_jobs: int, max_tokens: 
     if max_tokens < 2 or max_tokens > suite.model.cfg.n_ctx:
         raise ValueError(f"--max-tokens must be between 2 and the model's context {suite.model.cfg.n_ctx}, got {max_tokens}")
     if rule.kind == "fires":
+        from analysis.cards import card_dictionary
         from analysis.dashboards import prompt_feature_acts
         from analysis.scorecard import check_features
 
-        check_features(suite.dictionary(rule.dictionary), rule.dictionary, [rule.feature])
+        check_features(card_dictionary(suite, rule.dictionary), rule.dictionary, [rule.feature])
     jobs: list[dict[str, Any]] = []
     n_snip = 0
     for name, text in iter_texts(source, glob, text_column):
@@ -160,7 +161,10 @@ def dashboard_jobs(suite, dictionaries: str, features: str, per_job: int, n_toke
     """Dashboards of ``features`` of each dictionary (``all`` or ``mlp0,attn1``), ``per_job`` features per job."""
     if per_job <= 0:
         raise ValueError(f"--per-job must be positive, got {per_job}")
+    from analysis.dashboards import check_dashboard_dictionaries
+
     names = list(suite.dictionaries()) if dictionaries == "all" else [d.strip() for d in dictionaries.split(",") if d.strip()]
+    check_dashboard_dictionaries(suite, names)
     jobs = []
     for name in names:
         feats = parse_feature_range(features, suite.dictionary(name).cfg.d_sae)

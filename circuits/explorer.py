@@ -103,21 +103,21 @@ def _check(payload: dict[str, Any]) -> None:
         raise ValueError(f"explorer payload: edge src and dst must be node indices in [0, {n})")
 
 
-def _finite(o: Any) -> Any:
+def finite_json(o: Any) -> Any:
     """JSON has no NaN or infinity: write them as null."""
     if isinstance(o, float):
         return o if math.isfinite(o) else None
     if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
+        return {k: finite_json(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
+        return [finite_json(v) for v in o]
     return o
 
 
 def explorer_html(payload: dict[str, Any]) -> str:
     """The page's text: the template with the payload, the script and the styles inlined."""
     _check(payload)
-    data = json.dumps(_finite(payload), separators=(",", ":"), allow_nan=False)
+    data = json.dumps(finite_json(payload), separators=(",", ":"), allow_nan=False)
     # inside <script> the text must not close the element: escape the characters HTML gives meaning to
     data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     meta = payload["meta"]

@@ -22,12 +22,12 @@ Non-finite numbers become null, so that the page's ``JSON.parse`` reads the resu
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from circuits import sites
+from circuits.explorer import finite_json
 from circuits.graph import Circuit
 from circuits.influence import DEFAULT_PRUNE
 from circuits.sites import FEATURE_KINDS, KINDS
@@ -51,19 +51,9 @@ def default_label(kind: str, layer: int, pos: int, feature: int, token: str, tar
     return f"{name}:{feature}"
 
 
-def _finite(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
 def _floats(t: torch.Tensor) -> list:
     t = t.double()
-    return t.tolist() if bool(torch.isfinite(t).all()) else _finite(t.tolist())
+    return t.tolist() if bool(torch.isfinite(t).all()) else finite_json(t.tolist())
 
 
 def explorer_payload(circuit: Circuit, cards: dict[str, dict] | None = None, labels: dict[str, str] | None = None,
@@ -115,8 +105,8 @@ def explorer_payload(circuit: Circuit, cards: dict[str, dict] | None = None, lab
                       shown=c.edge_shown[sel].tolist()),
         "heads": dict(edge=new_edge[head_edges].tolist(), weights=_floats(c.head_weights[h_keep]),
                       src_pos=c.node_pos[c.edge_src[head_edges]].tolist()),
-        "qk": _finite(qk),
-        "cards": _finite(dict(cards or {})),
+        "qk": finite_json(qk),
+        "cards": finite_json(dict(cards or {})),
     }
-    payload["meta"] = _finite(payload["meta"])
+    payload["meta"] = finite_json(payload["meta"])
     return payload

@@ -65,9 +65,10 @@ import logging
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from saes.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +137,6 @@ def write_explorer(payload: dict[str, Any], path: str | os.PathLike) -> None:
     """Write the explorer page to ``path`` atomically (a temporary file in the same folder, then a rename)."""
     text = explorer_html(payload)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     log.info("wrote %s (%d nodes, %d edges, %.1f MB)", path, len(payload["nodes"]["id"]), len(payload["edges"]["src"]),
              len(text) / 1e6)

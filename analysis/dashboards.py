@@ -350,30 +350,3 @@ def write_circuit_dashboards(suite, nodes: Iterable[Node], out_dir: Path, subdir
         return {}
     pages = write_feature_dashboards(suite, requests, Path(out_dir) / subdir, tokens=tokens, n_tokens=n_tokens, progress=progress)
     return {n.id: f"{subdir}/{pages[(n.dictionary, n.feature)]}" for n in nodes if n.kind in FEATURE_KINDS}
-
-
-def link_graph_page(page: Path, links: dict[str, str]) -> None:
-    """Make each node of a plotly circuit page (``circuits/viewer.py``, node id in bold at the top of its hover
-    text) open its dashboard when clicked, and list the links under the graph."""
-    page = Path(page)
-    text = page.read_text(encoding="utf-8")
-    if "</body>" not in text:
-        raise ValueError(f"{page} is not a full HTML page (no </body>); write it with full_html=True")
-    items = "".join(f"<li><a href='{html.escape(href)}' target='_blank'>{html.escape(nid)}</a></li>" for nid, href in links.items())
-    block = (
-        "<div id='feature-dashboards' style='font:13px sans-serif;margin:8px 16px'>"
-        f"<b>Feature dashboards</b> (click a feature node, or a link):<ul style='columns:4'>{items}</ul></div>\n"
-        "<script>\nwindow.addEventListener('load', function () {\n"
-        f"  const LINKS = {adapter.json_for_script(links)};\n"
-        "  const unescape = s => s.replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&quot;/g, '\"')\n"
-        "                          .replace(/&#x27;/g, \"'\").replace(/&#39;/g, \"'\").replace(/&amp;/g, '&');\n"
-        "  document.querySelectorAll('.plotly-graph-div').forEach(function (gd) {\n"
-        "    if (!gd.on) return;\n"
-        "    gd.on('plotly_click', function (ev) {\n"
-        "      const p = ev.points && ev.points[0];\n"
-        "      const m = /<b>(.*?)<\\/b>/.exec((p && (p.hovertext || p.text)) || '');\n"
-        "      const href = m && LINKS[unescape(m[1])];\n"
-        "      if (href) window.open(href, '_blank');\n"
-        "    });\n  });\n});\n</script>\n"
-    )
-    page.write_text(text.replace("</body>", block + "</body>", 1), encoding="utf-8")

@@ -10,6 +10,6 @@
 - ``influence``: graph influence, replacement and completeness scores, pruning by influence.
 - ``explorer_data``: the columnar payload the explorer page reads.
 - ``faithfulness``: ablation curves in the real model with dictionaries spliced in.
-- ``explorer``: the explorer page (``graph.html``); ``viewer``: the older plotly page of the shown view.
+- ``explorer``: the explorer page (``graph.html``).
 - ``trace``: the whole pipeline for one prompt (what ``circuits trace`` calls).
 """

@@ -73,19 +73,12 @@ def check_out_dir(out: Path) -> None:
         raise ValueError(f"--out {out} cannot be created: {parent} is not writable; choose another --out")
 
 
-def write_page(circuit, path: Path, cards: dict | None = None, labels: dict | None = None, cards_note: str | None = None) -> str:
-    """The explorer page when ``circuits.explorer`` is present, else the plotly page of the shown view."""
-    try:
-        from circuits.explorer import write_explorer
-    except ImportError:
-        from circuits.viewer import write_html
-
-        write_html(circuit, path)
-        return "plotly"
+def write_page(circuit, path: Path, cards: dict | None = None, labels: dict | None = None, cards_note: str | None = None) -> None:
+    """The explorer page (``graph.html``) with the circuit's cards and labels."""
+    from circuits.explorer import write_explorer
     from circuits.explorer_data import explorer_payload
 
     write_explorer(explorer_payload(circuit, cards=cards, labels=labels, cards_note=cards_note), path)
-    return "explorer"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     cards, labels, note = cards_from_args(args, suite, circuit_features(circuit.nodes()))
     attach_dashboards(cards, links, out / "dashboards" if links else None)
     write_attribution_graph(circuit, out / "attribution_graph.json", labels=labels, full=full)
-    page = write_page(circuit, out / "graph.html", cards=cards, labels=labels, cards_note=note)
+    write_page(circuit, out / "graph.html", cards=cards, labels=labels, cards_note=note)
     shown = circuit.node_shown
     summary = dict(
         model=circuit.model, prompt=circuit.prompt, target=circuit.target, target_value=circuit.target_value,
@@ -138,10 +131,6 @@ def run(args: argparse.Namespace) -> int:
     summary["cards"] = dict(n_cards=len(cards), note=note)
     if args.dashboards:
         summary["dashboards"] = links
-        if page == "plotly":
-            from analysis.dashboards import link_graph_page
-
-            link_graph_page(out / "graph.html", links)
     write_json(out / "summary.json", summary)
     shown_counts = circuit.counts(shown_only=True)
     print(f"target {circuit.target} = {circuit.target_value:.4g}   ({len(circuit.tokens)} tokens, threshold {circuit.threshold:g})")

@@ -143,9 +143,7 @@ def test_prompt_page_renders_with_panels(pages, tmp_path):
 
 
 def test_circuit_nodes_link_to_their_dashboards(planted, tmp_path):
-    import plotly.graph_objects as go
-
-    from analysis.dashboards import circuit_feature_requests, link_graph_page, write_circuit_dashboards
+    from analysis.dashboards import circuit_feature_requests, write_circuit_dashboards
 
     suite, cls, tokens = planted
     from circuits.graph import Node
@@ -160,12 +158,3 @@ def test_circuit_nodes_link_to_their_dashboards(planted, tmp_path):
     links = write_circuit_dashboards(suite, nodes, tmp_path, tokens=tokens)
     assert links == {"mlp0:5@2": "dashboards/mlp0_f5.html", "attn1:3@1": "dashboards/attn1_f3.html", "mlp0:5@4": "dashboards/mlp0_f5.html"}
     assert all((tmp_path / href).is_file() for href in links.values())
-    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="markers", hovertext=["<b>mlp0:5@2</b> (mlp_feature)", "<b>embed@0</b>"]))
-    page = tmp_path / "graph.html"
-    fig.write_html(str(page), include_plotlyjs=False, full_html=True)
-    link_graph_page(page, links)
-    text = page.read_text()
-    assert "plotly_click" in text and "href='dashboards/mlp0_f5.html'" in text and '"attn1:3@1": "dashboards/attn1_f3.html"' in text
-    with pytest.raises(ValueError, match="not a full HTML page"):
-        (tmp_path / "frag.html").write_text("<div></div>")
-        link_graph_page(tmp_path / "frag.html", links)

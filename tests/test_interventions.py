@@ -489,7 +489,7 @@ def test_live_runs_on_partial_skip_and_clt_suites_equal_a_hand_written_hook(part
     pos = 4
     reader_layer = 1
     if suite.clt is None and reader_layer not in suite.transcoders:
-        pytest.skip("no transcoder at layer 1 to read")
+        pytest.skip("this suite has no transcoder or CLT at layer 1, so there is no layer-1 feature to read")
     f1 = int(lm.feature_group("mlp_feature", 1).feature[-1, 0])
     reader = f"mlp1:{f1}@-1"
     if suite.clt is not None or 0 in suite.transcoders:
@@ -527,7 +527,7 @@ def test_mlp_output_nodes_and_clt_errors_parse_against_the_suite(partial):
 def test_live_clt_error_scale_equals_a_hand_written_hook(partial):
     suite, lm = partial
     if suite.clt is None:
-        pytest.skip("a cross-layer transcoder's error")
+        pytest.skip("this suite has no cross-layer transcoder, whose error this test scales")
     clt, model, p = suite.clt, suite.model, lm.n_pos - 1
     res = intervene(suite, PROMPT, {f"mlp0.error@{p - 2}": "*2.5"}, freeze="none", target=LogitTarget((3,), (1.0,), p),
                     lm=lm)
